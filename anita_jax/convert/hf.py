@@ -1,0 +1,191 @@
+"""Hugging Face LLaMA checkpoints <-> our parameter tree.
+
+One table maps every HF tensor name to our path; HF linear weights are
+[out, in] and ours [in, out]. Import is streamed: tensors are read one at a
+time from safetensors and written into preallocated arrays, so host memory
+stays near one copy of the final parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+from safetensors import safe_open
+
+from anita_jax.config import ModelConfig, load_hf_config
+from anita_jax.errors import UserError
+
+# HF name (layer part as {i}) -> (our path below a layer or the root, transpose).
+_LAYER_TABLE = {
+    "self_attn.q_proj.weight": (("self_attn", "q_proj", "kernel"), True),
+    "self_attn.k_proj.weight": (("self_attn", "k_proj", "kernel"), True),
+    "self_attn.v_proj.weight": (("self_attn", "v_proj", "kernel"), True),
+    "self_attn.o_proj.weight": (("self_attn", "o_proj", "kernel"), True),
+    "mlp.gate_proj.weight": (("mlp", "gate_proj", "kernel"), True),
+    "mlp.up_proj.weight": (("mlp", "up_proj", "kernel"), True),
+    "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), True),
+    "input_layernorm.weight": (("input_layernorm", "scale"), False),
+    "post_attention_layernorm.weight": (("post_attention_layernorm", "scale"), False),
+}
+_ROOT_TABLE = {
+    "model.embed_tokens.weight": (("embed_tokens", "embedding"), False),
+    "model.norm.weight": (("norm", "scale"), False),
+    "lm_head.weight": (("lm_head", "kernel"), True),
+}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# Buffers some older checkpoints carry; they are recomputed, never read.
+_IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
+
+
+def hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Every tensor an HF checkpoint of this architecture holds, with its [out, in] shape."""
+  c = config
+  d, f = c.hidden_size, c.intermediate_size
+  q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  layer = {
+      "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
+      "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
+      "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f),
+      "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+  }
+  shapes = {"model.embed_tokens.weight": (c.vocab_size, d), "model.norm.weight": (d,)}
+  if not c.tie_word_embeddings:
+    shapes["lm_head.weight"] = (c.vocab_size, d)
+  for i in range(c.num_layers):
+    shapes.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
+  return shapes
+
+
+def _target(name: str) -> tuple[tuple[str, ...], int | None, bool]:
+  """(our path, layer index or None, transpose) of an HF tensor name."""
+  m = _LAYER_RE.match(name)
+  if m:
+    path, transpose = _LAYER_TABLE[m.group(2)]
+    return path, int(m.group(1)), transpose
+  path, transpose = _ROOT_TABLE[name]
+  return path, None, transpose
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def build_params(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], *, source: str,
+                 scan_layers: bool = True, dtype=np.float32,
+                 transform: Callable[[tuple[str, ...], np.ndarray], object] | None = None) -> dict:
+  """Assembles our parameter tree from (HF name, array) pairs, refusing any mismatch.
+
+  With `scan_layers` the per-layer tensors are stacked on a leading layer axis.
+  `transform(path, array)` may replace each final leaf (for example to quantize
+  it or to place it on devices) as soon as it is complete.
+  """
+  expected = hf_shapes(config)
+  seen: set[str] = set()
+  params: dict = {}
+  stacks: dict[tuple[str, ...], np.ndarray] = {}
+  filled: dict[tuple[str, ...], int] = {}
+  finish = transform or (lambda path, a: a)
+  for name, array in tensors:
+    if _IGNORED.search(name):
+      continue
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+      continue  # a tied checkpoint may still store the shared matrix twice
+    if name not in expected:
+      raise UserError(f"{source}: unexpected tensor '{name}' for this architecture")
+    if tuple(array.shape) != expected[name]:
+      raise UserError(f"{source}: tensor '{name}' has shape {tuple(array.shape)}, "
+                      f"expected {expected[name]}")
+    seen.add(name)
+    path, layer, transpose = _target(name)
+    value = np.asarray(array.T if transpose else array).astype(dtype, copy=False)
+    if layer is None:
+      _set(params, path, finish(path, np.ascontiguousarray(value)))
+    elif scan_layers:
+      full = ("layers",) + path
+      if full not in stacks:
+        stacks[full] = np.empty((config.num_layers,) + value.shape, dtype)
+      stacks[full][layer] = value
+      filled[full] = filled.get(full, 0) + 1
+      if filled[full] == config.num_layers:
+        _set(params, full, finish(full, stacks.pop(full)))
+    else:
+      full = (f"layers_{layer}",) + path
+      _set(params, full, finish(full, np.ascontiguousarray(value)))
+  missing = sorted(set(expected) - seen, key=_natural)
+  if missing:
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    raise UserError(f"{source}: tensor '{missing[0]}' is missing{more}")
+  return params
+
+
+def _natural(name: str):
+  return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def safetensors_files(directory: str) -> list[str]:
+  """The safetensors files of an HF model directory (single, or sharded with an index)."""
+  if not os.path.isdir(directory):
+    raise UserError(f"{directory}: no such model directory")
+  index = os.path.join(directory, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+      raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+    files = sorted(set(weight_map.values()))
+  else:
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")
+                   and not f.startswith("adapter_model"))
+  if not files:
+    pickles = [f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    hint = (f" (found {pickles[0]}: pickle weights are never loaded; convert them to safetensors)"
+            if pickles else "")
+    raise UserError(f"{directory}: no .safetensors weights{hint}")
+  paths = [os.path.join(directory, f) for f in files]
+  for p in paths:
+    if not os.path.isfile(p):
+      raise UserError(f"{p}: listed in the index but missing")
+  return paths
+
+
+def read_safetensors(paths: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (name, array) one tensor at a time; bf16 arrives as ml_dtypes.bfloat16."""
+  for path in paths:
+    try:
+      with safe_open(path, framework="numpy") as f:
+        for name in f.keys():
+          yield name, f.get_tensor(name)
+    except (OSError, ValueError, RuntimeError) as e:
+      if isinstance(e, UserError):
+        raise
+      raise UserError(f"{path}: cannot read safetensors ({e})") from None
+
+
+def load_hf_dir(directory: str, *, scan_layers: bool = True, dtype=np.float32,
+                transform=None) -> tuple[ModelConfig, dict]:
+  """(config, params) from an HF model directory."""
+  config = load_hf_config(directory)
+  files = safetensors_files(directory)
+  params = build_params(config, read_safetensors(files), source=directory, scan_layers=scan_layers,
+                        dtype=dtype, transform=transform)
+  return config, params
+
+
+def to_hf_tensors(config: ModelConfig, params: dict, *, scan_layers: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+  """Our parameter tree as (HF name, [out, in] array) pairs, in HF's order."""
+  for name in hf_shapes(config):
+    path, layer, transpose = _target(name)
+    if layer is not None:
+      path = (("layers",) + path) if scan_layers else ((f"layers_{layer}",) + path)
+    node = params
+    for key in path:
+      node = node[key]
+    array = np.asarray(node[layer] if (layer is not None and scan_layers) else node)
+    yield name, np.ascontiguousarray(array.T if transpose else array)

