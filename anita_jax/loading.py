@@ -75,3 +75,25 @@ def stop_token_ids(tokenizer, config: ModelConfig) -> tuple[int, ...]:
     if tid is not None:
       ids.add(int(tid))
   return tuple(sorted(ids))
+
+
+DTYPES = {"float32": np.float32, "bfloat16": "bfloat16"}
+
+
+def load_model(path: str, *, dtype: str = "float32", scan_layers: bool = True):
+  """(Llama module, params on the default device, tokenizer, config) for a model PATH."""
+  import jax
+  import jax.numpy as jnp
+
+  from anita_jax.model import Llama
+  if dtype not in DTYPES:
+    raise UserError(f"--dtype={dtype}: expected one of {', '.join(DTYPES)}")
+  jdtype = jnp.dtype(dtype)
+  config, params = load_weights(path, scan_layers=scan_layers, dtype=np.float32,
+                                transform=lambda _, a: jax.device_put(a.astype(jdtype)))
+  tokenizer = load_tokenizer(path)
+  if len(tokenizer) > config.vocab_size:
+    raise UserError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                    f"{config.vocab_size}")
+  model = Llama(config, dtype=jdtype, param_dtype=jdtype, scan_layers=scan_layers)
+  return model, params, tokenizer, config

@@ -27,7 +27,11 @@ def smollm2_hf_dir(smollm2_gguf, tmp_path_factory):
   import transformers
   directory, name = os.path.split(smollm2_gguf)
   out = str(tmp_path_factory.mktemp("smollm2_hf"))
-  model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+  gguf_model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+  # A model loaded from GGUF refuses save_pretrained; copy its weights into a plain one.
+  model = transformers.LlamaForCausalLM(gguf_model.config).float()
+  model.load_state_dict(gguf_model.state_dict())
+  model.generation_config = gguf_model.generation_config
   model.save_pretrained(out)
   transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(out)
   return out

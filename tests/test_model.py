@@ -1,0 +1,140 @@
+"""The Flax LLaMA against transformers' LlamaForCausalLM, and invariances of how it runs."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from anita_jax import config as cfg
+from anita_jax import model as M
+from anita_jax.convert import hf
+
+TINY = cfg.PRESETS["tiny"]
+VARIANTS = {
+    "gqa-untied-llama3rope": TINY,
+    "gqa-tied-plainrope": dataclasses.replace(TINY, tie_word_embeddings=True, rope_scaling=None),
+    "mha-untied-plainrope": dataclasses.replace(TINY, num_kv_heads=4, rope_scaling=None),
+    "mha-tied-llama3rope": dataclasses.replace(TINY, num_kv_heads=4, tie_word_embeddings=True),
+    "headdim-not-hidden-over-heads": dataclasses.replace(TINY, head_dim=32),
+}
+
+
+def reference_model(config, seed=0):
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf())).float().eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.normal_(0.0, 0.15)
+  return model
+
+
+def our_params(reference, config, scan_layers=True):
+  tensors = ((k, v.detach().numpy()) for k, v in reference.state_dict().items())
+  return hf.build_params(config, tensors, source="reference", scan_layers=scan_layers)
+
+
+def rel_err(a, b):
+  return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_logits_match_transformers(name):
+  config = VARIANTS[name]
+  ref = reference_model(config)
+  tokens = np.random.RandomState(1).randint(0, config.vocab_size, (3, 40))
+  with torch.no_grad():
+    expected = ref(torch.tensor(tokens)).logits.numpy()
+  logits, _ = M.Llama(config).apply({"params": our_params(ref, config)}, jnp.asarray(tokens))
+  abs_err = np.abs(np.asarray(logits) - expected).max()
+  assert abs_err <= 1e-4, f"max abs {abs_err:.2e}, relative {rel_err(logits, expected):.2e}"
+
+
+def test_rope_frequencies_match_transformers_llama3_scaling():
+  config = cfg.PRESETS["llama3.1-8b"]
+  rope = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(
+      transformers.LlamaConfig(**config.to_hf()))
+  np.testing.assert_allclose(M.rope_inv_freq(config), rope.inv_freq.numpy(), rtol=1e-6, atol=0)
+
+
+def test_padded_rows_match_transformers_attention_mask():
+  ref = reference_model(TINY)
+  tokens = np.random.RandomState(2).randint(3, TINY.vocab_size, (2, 24))
+  mask = np.ones_like(tokens)
+  mask[1, 15:] = 0  # right padding
+  with torch.no_grad():
+    expected = ref(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+  logits, _ = M.Llama(TINY).apply({"params": our_params(ref, TINY)}, jnp.asarray(tokens),
+                                  segment_ids_bt=jnp.asarray(mask))
+  valid = mask.astype(bool)
+  assert np.abs(np.asarray(logits)[valid] - expected[valid]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("scan, remat", [(False, "none"), (True, "full"), (False, "dots"),
+                                         (True, "dots_no_batch")])
+def test_scan_and_remat_do_not_change_logits(scan, remat):
+  ref = reference_model(TINY, seed=3)
+  tokens = jnp.asarray(np.random.RandomState(3).randint(0, TINY.vocab_size, (2, 33)))
+  base, _ = M.Llama(TINY, scan_layers=True).apply({"params": our_params(ref, TINY, True)}, tokens)
+  model = M.Llama(TINY, scan_layers=scan, remat_policy=remat)
+  params = our_params(ref, TINY, scan)
+  other, _ = jax.jit(model.apply)({"params": params}, tokens)
+  np.testing.assert_array_equal(np.asarray(other), np.asarray(base))
+  # Remat must not change gradients either.
+  grad = lambda m, p: jax.grad(lambda p: m.apply({"params": p}, tokens)[0].sum())(p)
+  g0 = grad(M.Llama(TINY, scan_layers=scan), params)
+  g1 = grad(model, params)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_segments_equal_separate_sequences():
+  ref = reference_model(TINY, seed=4)
+  params = our_params(ref, TINY)
+  model = M.Llama(TINY)
+  rs = np.random.RandomState(4)
+  a, b = rs.randint(0, TINY.vocab_size, 11), rs.randint(0, TINY.vocab_size, 17)
+  packed = np.concatenate([a, b, np.zeros(4, int)])[None]
+  segments = np.concatenate([np.full(11, 1), np.full(17, 2), np.zeros(4, int)])[None]
+  positions = np.concatenate([np.arange(11), np.arange(17), np.zeros(4, int)])[None]
+  out, _ = model.apply({"params": params}, jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segments))
+  alone_a, _ = model.apply({"params": params}, jnp.asarray(a[None]))
+  alone_b, _ = model.apply({"params": params}, jnp.asarray(b[None]))
+  np.testing.assert_allclose(np.asarray(out[0, :11]), np.asarray(alone_a[0]), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out[0, 11:28]), np.asarray(alone_b[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_kv_cache_decoding_equals_full_forward(scan):
+  ref = reference_model(TINY, seed=5)
+  params = our_params(ref, TINY, scan)
+  model = M.Llama(TINY, scan_layers=scan)
+  tokens = jnp.asarray(np.random.RandomState(5).randint(0, TINY.vocab_size, (2, 20)))
+  full, _ = model.apply({"params": params}, tokens)
+  cache = M.init_cache(TINY, 2, 24)
+  kv_seg = jnp.ones((2, 24), jnp.int32)
+  logits, cache = model.apply({"params": params}, tokens[:, :12], cache=cache, cache_offset=0,
+                              kv_segment_ids_bs=kv_seg)
+  steps = [logits]
+  for i in range(12, 20):
+    logits, cache = model.apply({"params": params}, tokens[:, i:i + 1], jnp.full((2, 1), i),
+                                cache=cache, cache_offset=i, kv_segment_ids_bs=kv_seg)
+    steps.append(logits)
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=1e-5)
+
+
+def test_every_weight_has_logical_axes():
+  model = M.Llama(TINY, lora=M.LoraSpec(rank=4, alpha=8))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  specs = jax.tree.leaves(
+      jax.tree.map(lambda x: x, abstract["params"], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+  import flax.linen as nn
+  boxed = jax.tree.leaves(abstract["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert boxed and all(isinstance(x, nn.LogicallyPartitioned) for x in boxed)
+  assert all(len(x.names) == x.value.ndim for x in boxed)
+  layer_kernel = abstract["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert layer_kernel.names == ("layers", "embed", "q_heads")
+  del specs
