@@ -56,7 +56,7 @@ def filter_logits(logits_bv, temperature, top_k, top_p):
   # Keep the smallest set of top tokens whose probability reaches top_p (at least one).
   probs = jax.nn.softmax(sorted_desc, axis=-1)
   mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep = mass_before < top_p
+  keep = (mass_before < top_p) | (top_p >= 1)  # fp32 cumsum can reach 1 before the tail
   cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
   return jnp.where(logits < cutoff, -jnp.inf, logits)
 

@@ -1,0 +1,101 @@
+"""Generation against transformers' greedy decoding and logits warpers, and the generate.py script."""
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from anita_jax import generate as G
+from anita_jax import loading
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "Qual è la capitale d'Italia?"
+
+
+def run_script(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "generate.py"), *args],
+                        capture_output=True, text=True, env=env, timeout=600)
+
+
+def transformers_greedy(path, prompts, max_new_tokens):
+  if os.path.isfile(path):
+    directory, name = os.path.split(path)
+    kwargs = dict(gguf_file=name)
+  else:
+    directory, kwargs = path, {}
+  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
+  texts = []
+  for prompt in prompts:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    texts.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+  return texts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["gguf", "hf_dir"])
+def test_script_prints_transformers_greedy_continuation(which, smollm2_gguf, smollm2_hf_dir):
+  path = smollm2_gguf if which == "gguf" else smollm2_hf_dir
+  result = run_script(f"--model={path}", f"--prompt={PROMPT}", "--temperature=0", "--max_new_tokens=32")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout == transformers_greedy(path, [PROMPT], 32)[0] + "\n"
+
+
+def test_batched_prompts_equal_transformers_one_by_one(smollm2_gguf):
+  prompts = [PROMPT, "Write a haiku about autumn leaves falling.", "Come si prepara il risotto alla milanese?"]
+  net, params, tokenizer, config = loading.load_model(smollm2_gguf)
+  generator = G.Generator(net, params, tokenizer, loading.stop_token_ids(tokenizer, config),
+                          config.max_position_embeddings, batch_size=4)
+  ours = generator.generate(prompts, G.SamplingSpec(max_new_tokens=24))
+  assert ours == transformers_greedy(smollm2_gguf, prompts, 24)
+
+
+def test_logit_filters_match_transformers_warpers():
+  rs = np.random.RandomState(0)
+  logits = rs.normal(0, 3, (4, 50)).astype(np.float32)
+  for temperature, top_k, top_p in [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.8), (0.6, 50, 0.9), (1.0, 1, 0.5)]:
+    warpers = transformers.LogitsProcessorList(
+        [transformers.TemperatureLogitsWarper(temperature)]
+        + ([transformers.TopKLogitsWarper(top_k)] if top_k else [])
+        + ([transformers.TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    expected = warpers(None, torch.tensor(logits)).numpy()
+    ours = np.asarray(G.filter_logits(jnp.asarray(logits), jnp.float32(temperature), jnp.int32(top_k),
+                                      jnp.float32(top_p)))
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(ours[finite], expected[finite], rtol=1e-6)
+
+
+def test_sampling_is_seeded_and_respects_top_k_1(smollm2_gguf):
+  net, params, tokenizer, config = loading.load_model(smollm2_gguf)
+  generator = G.Generator(net, params, tokenizer, loading.stop_token_ids(tokenizer, config),
+                          config.max_position_embeddings)
+  greedy = generator.generate([PROMPT], G.SamplingSpec(max_new_tokens=12))
+  top1 = generator.generate([PROMPT], G.SamplingSpec(max_new_tokens=12, temperature=0.8, top_k=1), seed=3)
+  assert top1 == greedy  # top_k=1 keeps only the argmax
+  spec = G.SamplingSpec(max_new_tokens=12, temperature=1.0, top_p=0.95)
+  assert generator.generate([PROMPT], spec, seed=1) == generator.generate([PROMPT], spec, seed=1)
+
+
+@pytest.mark.slow
+def test_prompt_longer_than_context_is_one_error_line(smollm2_gguf):
+  result = run_script(f"--model={smollm2_gguf}", "--prompt=" + "ciao " * 9000, "--max_new_tokens=8")
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: prompt 1:") and "8192" in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_missing_model_is_one_error_line(tmp_path):
+  result = run_script(f"--model={tmp_path}/absent", "--prompt=ciao")
+  assert result.returncode != 0
+  assert result.stderr.strip() == f"error: {tmp_path}/absent: no such file or directory"
