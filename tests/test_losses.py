@@ -1,0 +1,291 @@
+"""The losses against torch, transformers' causal-LM loss and TRL 1.16's own DPO code."""
+
+import math
+import types
+from collections import defaultdict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers.loss.loss_utils import ForCausalLMLoss
+from trl import DPOTrainer
+from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head
+
+from anita_jax import losses
+from anita_jax.errors import UserError
+
+RTOL = 1e-6
+
+
+def lm_batch(seed, b=3, t=9, v=50, scale=4.0):
+  """Random logits and a right-padded batch with a masked prompt of varying length."""
+  rng = np.random.default_rng(seed)
+  logits = (scale * rng.standard_normal((b, t, v))).astype(np.float32)
+  ids = rng.integers(0, v, (b, t)).astype(np.int32)
+  lengths, prompts = [t, t - 3, 5][:b], [2, 1, 3][:b]
+  seg = np.array([[1] * n + [0] * (t - n) for n in lengths], np.int32)
+  mask = np.array([[int(p <= i < n) for i in range(t)] for n, p in zip(lengths, prompts)], np.int32)
+  ids = np.where(seg > 0, ids, -100).astype(np.int32)  # out-of-vocabulary padding must be harmless
+  pos = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
+  return logits, {"input_ids": ids, "loss_mask": mask, "segment_ids": seg, "positions": pos}
+
+
+def torch_labels(batch):
+  return torch.from_numpy(np.where(batch["loss_mask"] > 0, batch["input_ids"], -100).astype(np.int64))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_token_logprobs_matches_torch_log_softmax(dtype):
+  logits, batch = lm_batch(0)
+  logits_j = jnp.asarray(logits, dtype)
+  got = np.asarray(jax.jit(losses.token_logprobs)(logits_j, batch["input_ids"]))
+  ref_logits = torch.from_numpy(np.array(logits_j.astype(jnp.float32)))
+  log_softmax = F.log_softmax(ref_logits[:, :-1], dim=-1)
+  ids = torch.from_numpy(batch["input_ids"][:, 1:]).long()
+  valid = ids >= 0
+  want = torch.gather(log_softmax, -1, ids.clamp(min=0)[..., None])[..., 0].numpy()
+  assert got.dtype == np.float32 and got.shape == batch["input_ids"].shape
+  assert np.all(got[:, 0] == 0)
+  np.testing.assert_allclose(got[:, 1:][valid.numpy()], want[valid.numpy()], rtol=RTOL)
+
+
+def test_cross_entropy_matches_transformers_causal_lm_loss():
+  logits, batch = lm_batch(1)
+  loss, aux = jax.jit(losses.cross_entropy_loss)(jnp.asarray(logits), batch)
+  labels = torch_labels(batch)
+  want = ForCausalLMLoss(torch.from_numpy(logits), labels, vocab_size=logits.shape[-1])
+  direct = F.cross_entropy(torch.from_numpy(logits[:, :-1]).reshape(-1, logits.shape[-1]),
+                           labels[:, 1:].reshape(-1), ignore_index=-100)
+  np.testing.assert_allclose(float(loss), want.item(), rtol=RTOL)
+  np.testing.assert_allclose(float(loss), direct.item(), rtol=RTOL)
+  assert float(aux["num_tokens"]) == (labels[:, 1:] != -100).sum().item() == batch["loss_mask"].sum()
+
+
+def test_cross_entropy_gradient_matches_torch_autograd():
+  logits, batch = lm_batch(4)
+  grad = jax.jit(jax.grad(lambda lg: losses.cross_entropy_loss(lg, batch)[0]))(jnp.asarray(logits))
+  ref_logits = torch.from_numpy(logits).requires_grad_()
+  ForCausalLMLoss(ref_logits, torch_labels(batch), vocab_size=logits.shape[-1]).backward()
+  np.testing.assert_allclose(np.asarray(grad), ref_logits.grad.numpy(), rtol=1e-5, atol=1e-8)
+
+
+def test_micro_batches_add_up_to_the_token_weighted_step_mean():
+  logits, batch = lm_batch(2)
+  labels = torch_labels(batch)
+  full = ForCausalLMLoss(torch.from_numpy(logits), labels, vocab_size=logits.shape[-1]).item()
+  split = [slice(0, 2), slice(2, 3)]  # 12 and 2 target tokens
+  micro = [(jnp.asarray(logits[s]), {k: v[s] for k, v in batch.items()}) for s in split]
+  total = sum(float(losses.sft_loss_terms(lg, mb)[1]) for lg, mb in micro)
+  accumulated = 0.0
+  for s, (lg, mb) in zip(split, micro):
+    part = float(losses.cross_entropy_loss(lg, mb, num_tokens=total)[0])
+    want = ForCausalLMLoss(torch.from_numpy(logits[s]), labels[s], vocab_size=logits.shape[-1],
+                           num_items_in_batch=torch.tensor(total)).item()
+    np.testing.assert_allclose(part, want, rtol=RTOL)
+    accumulated += part
+  np.testing.assert_allclose(accumulated, full, rtol=RTOL)
+  # A plain mean of per-micro-batch means would not be the step mean here.
+  naive = np.mean([float(losses.cross_entropy_loss(lg, mb)[0]) for lg, mb in micro])
+  assert abs(naive - full) > 1e-3
+
+
+def test_packed_sequence_start_and_padding_are_never_targets():
+  logits, batch = lm_batch(3, b=1, t=10)
+  batch["segment_ids"] = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 0, 0]], np.int32)
+  batch["input_ids"] = np.abs(batch["input_ids"])
+  bad_mask = np.array([[0, 1, 1, 1, 1, 1, 1, 1, 1, 0]], np.int32)  # flags segment 2's first token and a pad
+  good_mask = np.array([[0, 1, 1, 1, 0, 1, 1, 1, 0, 0]], np.int32)
+  loss, aux = losses.cross_entropy_loss(jnp.asarray(logits), dict(batch, loss_mask=bad_mask))
+  want = ForCausalLMLoss(torch.from_numpy(logits), torch_labels(dict(batch, loss_mask=good_mask)),
+                         vocab_size=logits.shape[-1])
+  np.testing.assert_allclose(float(loss), want.item(), rtol=RTOL)
+  assert float(aux["num_tokens"]) == 6
+
+
+# ---- DPO against TRL 1.16's DPOTrainer._compute_loss ----------------------------------------------
+# TRL 1.16 computes the DPO loss inline in DPOTrainer._compute_loss (there is no standalone dpo_loss).
+# We call that method unbound, on a namespace holding the attributes it reads, with precomputed
+# reference log-probs, and a model that is either a stub returning given per-token log-probs or a
+# tiny LlamaForCausalLM carrying TRL's fused LM head. The stub hands TRL our fp32 log-probs widened
+# to float64, so TRL's formulas run without rounding of their own (robust divides by 1 - 2 eps, which
+# magnifies fp32 rounding tenfold at eps = 0.45) and our fp32 result is held to 1e-6 of them.
+
+
+class _Accelerator:
+  device = torch.device("cpu")
+  gather = gather_for_metrics = staticmethod(lambda x: x)
+
+
+def trl_dpo(model, inputs, ref_chosen, ref_rejected, *, beta, loss_types, loss_weights=None,
+            label_smoothing=0.0):
+  trainer = types.SimpleNamespace(
+      model=model, accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=None,
+      precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=list(loss_types),
+      loss_weights=loss_weights or [1.0] * len(loss_types), beta=beta, label_smoothing=label_smoothing,
+      use_weighting=False, _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _tp_size=1,
+      _total_train_tokens=0)
+  inputs = dict(inputs, ref_chosen_logps=torch.as_tensor(ref_chosen, dtype=torch.float64),
+                ref_rejected_logps=torch.as_tensor(ref_rejected, dtype=torch.float64))
+  with torch.no_grad():
+    loss = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+  return loss.item(), {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+
+
+class _LogprobStub:
+  """Stands in for a model with TRL's fused head: returns the given per-token log-probs [2B, T]."""
+
+  training = False
+
+  def __init__(self, token_logps):
+    self.token_logps = torch.as_tensor(token_logps, dtype=torch.float64)
+
+  def __call__(self, input_ids, labels, fused_lm_head, **kwargs):
+    mask = labels[:, 1:] != -100
+    log_probs = self.token_logps[:, 1:] * mask
+    zeros = torch.zeros_like(log_probs)
+    return FusedCausalLMOutput(log_probs=log_probs, entropy=zeros, mean_logits=zeros,
+                               is_top1=torch.zeros_like(mask), label_mask=mask)
+
+
+def pair_batch(seed, pairs=4, t=12):
+  """[chosen; rejected] rows: per-token log-probs, completion masks, and reference log-probs."""
+  rng = np.random.default_rng(seed)
+  token_logps = -rng.gamma(2.0, 1.0, (2 * pairs, t)).astype(np.float32)
+  prompt = rng.integers(1, 5, 2 * pairs)
+  end = np.minimum(prompt + rng.integers(1, t - 4, 2 * pairs), t)
+  mask = np.array([[int(p <= i < e) for i in range(t)] for p, e in zip(prompt, end)], np.int32)
+  policy = (token_logps * mask).sum(axis=1)
+  ref = (policy + rng.normal(0.0, 3.0, 2 * pairs)).astype(np.float32)
+  inputs = {"input_ids": torch.zeros((2 * pairs, t), dtype=torch.long),
+            "attention_mask": torch.ones((2 * pairs, t), dtype=torch.long),
+            "completion_mask": torch.from_numpy(mask).long()}
+  return token_logps, mask, ref, inputs
+
+
+def ours_from_token_logps(token_logps, mask):
+  policy_b = jnp.sum(jnp.where(mask > 0, token_logps, 0.0), axis=1)
+  tokens_b = jnp.sum(mask, axis=1)
+  pairs = len(mask) // 2
+  return policy_b[:pairs], policy_b[pairs:], tokens_b[:pairs], tokens_b[pairs:]
+
+
+LOSS_CASES = [("sigmoid", 0.1, 0.0, 0.0), ("sigmoid", 0.5, 0.0, 0.0), ("robust", 0.1, 0.0, 0.0),
+              ("robust", 0.1, 0.2, 0.0), ("robust", 0.3, 0.45, 0.0), ("hinge", 0.1, 0.0, 0.0),
+              ("hinge", 0.5, 0.0, 0.0), ("ipo", 0.1, 0.0, 0.0), ("ipo", 1.0, 0.0, 0.0),
+              ("sigmoid", 0.1, 0.0, 0.7), ("ipo", 0.5, 0.0, 1.0), ("robust", 0.2, 0.1, 0.3)]
+
+
+@pytest.mark.parametrize("loss_type,beta,eps,sft_weight", LOSS_CASES)
+def test_dpo_loss_matches_trl(loss_type, beta, eps, sft_weight):
+  token_logps, mask, ref, inputs = pair_batch(LOSS_CASES.index((loss_type, beta, eps, sft_weight)))
+  pairs = len(mask) // 2
+  chosen, rejected, n_chosen, n_rejected = ours_from_token_logps(token_logps, mask)
+  ours_b = jax.jit(lambda *a: losses.dpo_loss(
+      *a, beta=beta, loss_type=loss_type, label_smoothing=eps, chosen_tokens=n_chosen,
+      rejected_tokens=n_rejected, sft_weight=sft_weight))(chosen, rejected, ref[:pairs], ref[pairs:])
+  trl_types, weights = ([loss_type, "sft"], [1.0, sft_weight]) if sft_weight else ([loss_type], None)
+  want, _ = trl_dpo(_LogprobStub(token_logps), inputs, ref[:pairs], ref[pairs:], beta=beta,
+                    loss_types=trl_types, loss_weights=weights, label_smoothing=eps)
+  np.testing.assert_allclose(float(jnp.mean(ours_b)), want, rtol=RTOL, atol=RTOL)
+  if sft_weight:
+    return
+  rows = np.arange(2 * pairs).reshape(2, pairs)
+  for i in range(pairs):  # every pair on its own, so each per-pair loss is checked
+    one = {k: v[rows[:, i]] for k, v in inputs.items()}
+    want_i, _ = trl_dpo(_LogprobStub(token_logps[rows[:, i]]), one, ref[i:i + 1], ref[pairs + i:pairs + i + 1],
+                        beta=beta, loss_types=[loss_type], label_smoothing=eps)
+    np.testing.assert_allclose(float(ours_b[i]), want_i, rtol=RTOL, atol=RTOL)
+
+
+def test_sigmoid_label_smoothing_is_refused_because_trl_ignores_it():
+  token_logps, mask, ref, inputs = pair_batch(7)
+  pairs = len(mask) // 2
+  stub = _LogprobStub(token_logps)
+  smoothed, _ = trl_dpo(stub, inputs, ref[:pairs], ref[pairs:], beta=0.1, loss_types=["sigmoid"],
+                        label_smoothing=0.2)
+  plain, _ = trl_dpo(stub, inputs, ref[:pairs], ref[pairs:], beta=0.1, loss_types=["sigmoid"])
+  assert smoothed == plain
+  chosen, rejected, _, _ = ours_from_token_logps(token_logps, mask)
+  with pytest.raises(UserError, match="label_smoothing"):
+    losses.dpo_loss(chosen, rejected, ref[:pairs], ref[pairs:], label_smoothing=0.2)
+  with pytest.raises(UserError, match="label_smoothing"):
+    losses.dpo_loss(chosen, rejected, ref[:pairs], ref[pairs:], loss_type="robust", label_smoothing=0.5)
+  with pytest.raises(UserError, match="loss_type"):
+    losses.dpo_loss(chosen, rejected, ref[:pairs], ref[pairs:], loss_type="kto")
+
+
+def test_policy_equal_to_reference_gives_log2_and_zero_rewards():
+  logps = jnp.array([-12.5, -3.0, -40.25])
+  other = jnp.array([-7.0, -9.5, -1.0])
+  loss_b = losses.dpo_loss(logps, other, logps, other, beta=0.1)
+  np.testing.assert_allclose(np.asarray(loss_b), math.log(2), rtol=RTOL)
+  m = losses.dpo_metrics(logps, other, logps, other, beta=0.1, chosen_tokens=jnp.array([3, 1, 9]),
+                         rejected_tokens=jnp.array([2, 4, 1]), chosen_mean_logit=jnp.zeros(3),
+                         rejected_mean_logit=jnp.zeros(3))
+  for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+    assert float(m[name]) == 0.0  # accuracies: ties do not count (strict >)
+
+
+def test_dpo_metrics_match_numpy_float64():
+  rng = np.random.default_rng(5)
+  pc, pr, rc, rr = (-rng.gamma(5.0, 4.0, 6) for _ in range(4))
+  pc[0], rc[0], pr[0], rr[0] = -5.0, -5.0, -8.0, -8.0  # a tie: not an accurate pair
+  nc, nr = rng.integers(1, 20, 6), rng.integers(0, 20, 6)
+  lc, lr = rng.normal(0, 2, 6), rng.normal(0, 2, 6)
+  beta = 0.25
+  got = jax.jit(lambda *a: losses.dpo_metrics(
+      *a[:4], beta=beta, chosen_tokens=a[4], rejected_tokens=a[5], chosen_mean_logit=a[6],
+      rejected_mean_logit=a[7]))(*(jnp.asarray(x, jnp.float32) for x in (pc, pr, rc, rr)),
+                                 jnp.asarray(nc), jnp.asarray(nr), *(jnp.asarray(x, jnp.float32) for x in (lc, lr)))
+  c, r = beta * (pc - rc), beta * (pr - rr)
+  want = {"rewards/chosen": c.mean(), "rewards/rejected": r.mean(), "rewards/accuracies": (c > r).mean(),
+          "rewards/margins": (c - r).mean(), "logps/chosen": pc.mean(), "logps/rejected": pr.mean(),
+          "logits/chosen": (lc * nc).sum() / nc.sum(), "logits/rejected": (lr * nr).sum() / nr.sum()}
+  assert set(got) == set(want)
+  for name, value in want.items():
+    np.testing.assert_allclose(float(got[name]), value, rtol=2e-6, atol=1e-6, err_msg=name)
+  empty = losses.dpo_metrics(pc, pr, rc, rr, beta=beta, chosen_tokens=np.zeros(6), rejected_tokens=nr,
+                             chosen_mean_logit=lc, rejected_mean_logit=lr)
+  assert float(empty["logits/chosen"]) == 0.0
+
+
+def test_dpo_from_logits_matches_trl_with_its_fused_head():
+  """End to end: a tiny LlamaForCausalLM's logits through sequence_logps, loss and metrics."""
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+  model = transformers.LlamaForCausalLM(config).float().eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.normal_(0.0, 0.3)
+  add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+  rng = np.random.default_rng(11)
+  pairs, t = 3, 14
+  prompt = np.repeat(rng.integers(2, 6, pairs), 2).reshape(pairs, 2).T.reshape(-1)  # shared per pair
+  end = np.minimum(prompt + rng.integers(2, 9, 2 * pairs), t)
+  attention = np.array([[int(i < e) for i in range(t)] for e in end], np.int64)
+  completion = np.array([[int(p <= i < e) for i in range(t)] for p, e in zip(prompt, end)], np.int64)
+  ids = rng.integers(1, 64, (2 * pairs, t)) * attention
+  ref = rng.normal(-40.0, 5.0, 2 * pairs).astype(np.float32)
+  inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attention),
+            "completion_mask": torch.from_numpy(completion)}
+  beta = 0.1
+  want_loss, want_metrics = trl_dpo(model, inputs, ref[:pairs], ref[pairs:], beta=beta, loss_types=["sigmoid"])
+
+  with torch.no_grad():
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.numpy()
+  logps_b, tokens_b, mean_logit_b = jax.jit(losses.sequence_logps)(
+      jnp.asarray(logits), jnp.asarray(ids, jnp.int32), jnp.asarray(completion, jnp.int32))
+  halves = lambda x: (x[:pairs], x[pairs:])
+  (pc, pr), (nc, nr), (lc, lr) = halves(logps_b), halves(tokens_b), halves(mean_logit_b)
+  loss = jnp.mean(losses.dpo_loss(pc, pr, ref[:pairs], ref[pairs:], beta=beta))
+  metrics = losses.dpo_metrics(pc, pr, ref[:pairs], ref[pairs:], beta=beta, chosen_tokens=nc, rejected_tokens=nr,
+                               chosen_mean_logit=lc, rejected_mean_logit=lr)
+  np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+  assert np.all(np.asarray(nc) == completion[:pairs].sum(1))
+  for name, value in metrics.items():
+    np.testing.assert_allclose(float(value), want_metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
