@@ -225,8 +225,10 @@ def main(*, model, prompt, prompts_file, system, chat, max_new_tokens, temperatu
   rows = read_prompts_file(prompts_file) if prompts_file else [{"prompt": prompt, "system": system}]
   path = model or loading.embedded_default_path()
   dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  del quant  # only unquantized weights for now
-  net, params, tokenizer, config = loading.load_model(path, dtype=dtype)
+  from anita_jax.quant import QuantSpec
+  # Layers unrolled: a scanned decode step re-slices every layer's weights from the stacks.
+  net, params, tokenizer, config = loading.load_model(path, dtype=dtype, quant=QuantSpec(quant or "none"),
+                                                      scan_layers=False)
   defaults = sampling_defaults(path)
   sampling = SamplingSpec(
       max_new_tokens=max_new_tokens if max_new_tokens is not None else defaults.get("max_new_tokens", 256),

@@ -77,23 +77,44 @@ def stop_token_ids(tokenizer, config: ModelConfig) -> tuple[int, ...]:
   return tuple(sorted(ids))
 
 
-DTYPES = {"float32": np.float32, "bfloat16": "bfloat16"}
+DTYPES = ("float32", "bfloat16")
 
 
-def load_model(path: str, *, dtype: str = "float32", scan_layers: bool = True):
-  """(Llama module, params on the default device, tokenizer, config) for a model PATH."""
+def leaf_transform(quant=None, dtype: str = "float32"):
+  """transform(path, array) for `load_weights`: quantizes the seven projections' kernels per
+  `quant` (streamed: one tensor at a time) and casts every other leaf to `dtype`."""
   import jax
+  import jax.numpy as jnp
+
+  from anita_jax import quant as Q
+  from anita_jax.model import PROJECTIONS
+  spec = quant or Q.QuantSpec()
+
+  def transform(path, array):
+    if spec.type != "none" and path[-1] == "kernel" and path[-2] in PROJECTIONS:
+      return jax.device_put(Q.quantize(array, spec, name="/".join(path)))
+    return jax.device_put(array.astype(jnp.dtype(dtype)))
+
+  return transform
+
+
+def load_model(path: str, *, dtype: str = "float32", quant=None, scan_layers: bool = True):
+  """(Llama module, params on the default device, tokenizer, config) for a model PATH."""
   import jax.numpy as jnp
 
   from anita_jax.model import Llama
   if dtype not in DTYPES:
     raise UserError(f"--dtype={dtype}: expected one of {', '.join(DTYPES)}")
-  jdtype = jnp.dtype(dtype)
   config, params = load_weights(path, scan_layers=scan_layers, dtype=np.float32,
-                                transform=lambda _, a: jax.device_put(a.astype(jdtype)))
+                                transform=leaf_transform(quant, dtype))
   tokenizer = load_tokenizer(path)
+  check_tokenizer(tokenizer, config, path)
+  model = Llama(config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype), scan_layers=scan_layers,
+                quant=quant)
+  return model, params, tokenizer, config
+
+
+def check_tokenizer(tokenizer, config: ModelConfig, path: str) -> None:
   if len(tokenizer) > config.vocab_size:
     raise UserError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                     f"{config.vocab_size}")
-  model = Llama(config, dtype=jdtype, param_dtype=jdtype, scan_layers=scan_layers)
-  return model, params, tokenizer, config

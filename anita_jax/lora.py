@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from anita_jax import quant as Q
 from anita_jax.config import ModelConfig
 from anita_jax.errors import UserError
 from anita_jax.model import PROJECTIONS, LoraSpec
@@ -126,11 +127,6 @@ def strip_adapters(params: dict) -> dict:
   return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] not in LORA_LEAVES})
 
 
-def dense(kernel, dtype=jnp.float32):
-  """A kernel as an array: quantized nodes are dequantized."""
-  return kernel.dequantize(dtype) if hasattr(kernel, "dequantize") else jnp.asarray(kernel, dtype)
-
-
 def merge(params: dict, spec: LoraSpec, dtype=jnp.float32) -> dict:
   """W' = W + scale * (A @ B) for every adapted kernel, in fp32, cast to `dtype`; adapters removed.
 
@@ -146,9 +142,9 @@ def merge(params: dict, spec: LoraSpec, dtype=jnp.float32) -> dict:
       a, b = flat[path[:-1] + ("lora_a",)], flat[path[:-1] + ("lora_b",)]
       delta = jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
                          precision=jax.lax.Precision.HIGHEST)
-      value = (dense(value) + spec.scale * delta).astype(dtype)
+      value = (Q.dequantize(value) + spec.scale * delta).astype(dtype)
     elif path[-1] == "kernel":
-      value = dense(value).astype(dtype)
+      value = Q.dequantize(value).astype(dtype)
     else:
       value = jnp.asarray(value).astype(dtype)
     out[path] = value

@@ -13,9 +13,12 @@ Parameters are a plain tree with HF-like names, linear kernels stored [in, out]:
   norm/scale                              [D]
   lm_head/kernel                          [D, V]   (absent when embeddings are tied)
 
-A projection may carry LoRA factors `lora_a` [in, R] and `lora_b` [R, out]
-beside its kernel (see `LoraSpec`). `adapters_enabled=False` runs the same
-parameters without them: the DPO reference costs no second copy.
+A projection's kernel may be a quantized node (`quant.NF4Weight`, `quant.Int4Weight`),
+dequantized right before its matmul, inside the layer scan: at most one layer's
+weights exist dequantized at a time. A projection may carry LoRA factors
+`lora_a` [in, R] and `lora_b` [R, out] beside its kernel (see `LoraSpec`).
+`adapters_enabled=False` runs the same parameters without them: the DPO
+reference costs no second copy.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anita_jax import quant as Q
 from anita_jax.config import ModelConfig
 
 Array = jax.Array
@@ -135,14 +139,14 @@ class Linear(nn.Module):
   lora: LoraSpec | None = None
   adapters_enabled: bool = True
   deterministic: bool = True
+  quant: Q.QuantSpec | None = None
 
   @nn.compact
   def __call__(self, x):
     d_in = x.shape[-1]
-    kernel = self.param(
-        "kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
-        (d_in, self.features), self.param_dtype)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    kernel = self.param("kernel", Q.init_fn(self.quant or Q.QuantSpec(), self.axes),
+                        (d_in, self.features), self.param_dtype)
+    y = jnp.dot(x.astype(self.dtype), Q.dequantize(kernel, self.dtype))
     if self.lora is None:
       return y
     # PEFT's init: A Kaiming-uniform (a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
@@ -167,15 +171,16 @@ class _Block(nn.Module):
   lora: LoraSpec | None = None
   adapters_enabled: bool = True
   deterministic: bool = True
+  quant: Q.QuantSpec | None = None
 
   def linear(self, name: str, features: int, axes: tuple[str, str]) -> Linear:
     lora = self.lora if self.lora is not None and name in self.lora.targets else None
     return Linear(features, axes, self.dtype, self.param_dtype, lora, self.adapters_enabled,
-                  self.deterministic, name=name)
+                  self.deterministic, self.quant, name=name)
 
   def child_kwargs(self) -> dict[str, Any]:
     return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
-                adapters_enabled=self.adapters_enabled, deterministic=self.deterministic)
+                adapters_enabled=self.adapters_enabled, deterministic=self.deterministic, quant=self.quant)
 
 
 class Attention(_Block):
@@ -242,6 +247,7 @@ class Llama(nn.Module):
   lora: LoraSpec | None = None
   adapters_enabled: bool = True
   deterministic: bool = True
+  quant: Q.QuantSpec | None = None  # of the seven projections; embeddings, lm_head, norms stay dense
 
   @nn.compact
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, *, cache=None,
@@ -268,7 +274,7 @@ class Llama(nn.Module):
     x_btd = jnp.take(embedding, tokens_bt, axis=0).astype(self.dtype)
 
     kwargs = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
-                  adapters_enabled=self.adapters_enabled, deterministic=self.deterministic)
+                  adapters_enabled=self.adapters_enabled, deterministic=self.deterministic, quant=self.quant)
     layer_cls = DecoderLayer
     if self.remat_policy != "none":
       layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(self.remat_policy),

@@ -17,7 +17,7 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "Top-k filter, 0 = off (default: ge
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: float32 on CPU, "
                            "bfloat16 on accelerators).")
-_QUANT = flags.DEFINE_enum("quant", None, ["none"], "Frozen weight quantization (default: none).")
+_QUANT = flags.DEFINE_enum("quant", None, ["none", "nf4", "int4"], "Frozen projection weights (default: none).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts per batch with --prompts_file.")
 
 
