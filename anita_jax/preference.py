@@ -1,0 +1,237 @@
+"""Preference (DPO) data: rows to (prompt, chosen, rejected) token ids exactly as TRL 1.16's DPOTrainer makes them.
+
+TRL 1.16 (`DPOTrainer._prepare_dataset`, `DataCollatorForPreference`), which we follow:
+- A row without `prompt`: the prompt is the longest shared prefix of chosen and rejected (whole
+  messages for message lists; characters for strings, a space before the divergence going to the
+  completions), as `trl.extract_prompt`.
+- Conversational rows: prompt ids = the chat template of the prompt messages with a generation
+  prompt; prompt+chosen ids = the chat template of prompt + chosen messages (same for rejected).
+- String rows: the EOS token's text is appended to chosen and rejected unless they end with it;
+  prompt ids = tokenizer(prompt), prompt+chosen ids = tokenizer(prompt + chosen) (the strings are
+  joined, then tokenized with the tokenizer's default special tokens: BOS for Llama-3, none for
+  SmolLM2).
+- The boundary: n = min(common prefix of prompt ids and prompt+chosen ids, same with rejected);
+  prompt_ids = prompt ids[:n], chosen_ids = prompt+chosen ids[n:]. Normally n = len(prompt ids);
+  when a template renders the prompt differently alone, or tokens merge across the boundary,
+  the completion starts where they diverge (TRL warns once; so do we, and count it).
+- Truncation (TRL's default truncation_mode 'keep_start'): prompt + completion keeps its first
+  max_length tokens, which cuts the end of the completion; a row whose prompt alone has
+  max_length tokens or more is dropped.
+TRL 1.16 has no max_prompt_length. Ours (optional, ANITA used 512) keeps the last
+max_prompt_length tokens of a longer prompt, as TRL's older `truncation_mode='keep_end'` did, before
+the max_length rule above.
+
+Rows whose `prompt` is a string while chosen and rejected are message lists (mlabonne/orpo-dpo-mix-40k,
+HuggingFaceH4/ultrafeedback_binarized): when the lists start with the user turn, the conversation in
+them is complete and the prompt is their shared message prefix (the `prompt` string, a copy of the
+user turn, is not used); when they start with an assistant turn, `prompt` is the user turn before them.
+
+Batch ([2B, T], rows 0..B-1 the chosen of the B pairs, rows B..2B-1 their rejected, each prompt +
+completion right-padded to T = max_length): input_ids, loss_mask (1 on completion tokens),
+segment_ids (1 on tokens, 0 padding), positions; int32. Process p of P materialises rows
+[p*2B/P, (p+1)*2B/P) of the global batch, so the global [2B, T] layout holds across processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+from absl import logging
+
+from anita_jax import batching, data
+from anita_jax.data import Row
+from anita_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceExample:
+  """Token ids int32: prompt_ids [P], chosen_ids [C], rejected_ids [R] (completions only)."""
+
+  prompt_ids: np.ndarray
+  chosen_ids: np.ndarray
+  rejected_ids: np.ndarray
+  where: str = ""
+
+
+@dataclasses.dataclass
+class PreferenceStats:
+  rows: int = 0
+  kept: int = 0
+  truncated: int = 0  # prompt cut by max_prompt_length or a completion cut by max_length
+  dropped: int = 0  # prompt of max_length tokens or more
+  tokens: int = 0  # prompt + chosen + rejected tokens kept
+  boundary_shifted: int = 0  # prompt ids not a prefix of prompt + completion ids
+
+  def __str__(self) -> str:
+    return (f"{self.rows} rows: {self.kept} kept ({self.truncated} truncated), {self.dropped} dropped "
+            f"(prompt of max_length tokens or more); {self.tokens} tokens")
+
+
+def _shared_prefix(a: Sequence, b: Sequence) -> int:
+  n = 0
+  for x, y in zip(a, b):
+    if x != y:
+      break
+    n += 1
+  return n
+
+
+def _extract_prompt_text(row: Row, chosen: str, rejected: str) -> tuple[str, str, str]:
+  """trl.extract_prompt on strings: the shared character prefix, a space before the divergence excluded."""
+  n = _shared_prefix(chosen, rejected)
+  if n == 0 or n == min(len(chosen), len(rejected)):
+    raise UserError(f"{row.where}: field 'prompt' is missing and chosen and rejected "
+                    f"{'share no prefix' if n == 0 else 'do not diverge'}, so there is no prompt to extract")
+  if chosen[n - 1] == " ":
+    n -= 1
+  return chosen[:n], chosen[n:], rejected[n:]
+
+
+def preference_parts(row: Row) -> tuple[str, object, object, object]:
+  """('chat', prompt msgs, chosen msgs, rejected msgs) or ('text', prompt, chosen, rejected), validated."""
+  chosen, rejected = data.field(row, "chosen"), data.field(row, "rejected")
+  prompt = row.data.get("prompt")
+  if isinstance(chosen, str) and isinstance(rejected, str):
+    data.string(row, "chosen", chosen)
+    data.string(row, "rejected", rejected)
+    if prompt is None:
+      return ("text", *_extract_prompt_text(row, chosen, rejected))
+    return "text", data.string(row, "prompt", prompt), chosen, rejected
+  if not isinstance(chosen, list):
+    raise UserError(f"{row.where}: field 'chosen' must be a string or a list of messages, got {type(chosen).__name__}")
+  if not isinstance(rejected, list):
+    raise UserError(f"{row.where}: field 'rejected' must be a list of messages like field 'chosen', "
+                    f"got {type(rejected).__name__}")
+  c, r = data.messages(row, "chosen", chosen), data.messages(row, "rejected", rejected)
+  c_names, r_names = data.field_names(c, "chosen"), data.field_names(r, "rejected")
+  if isinstance(prompt, list):
+    p, p_names = data.messages(row, "prompt", prompt), data.field_names(prompt, "prompt")
+  elif prompt is not None and not isinstance(prompt, str):
+    raise UserError(f"{row.where}: field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+  elif c[0]["role"] == "assistant" and r[0]["role"] == "assistant":
+    if prompt is None:
+      raise UserError(f"{row.where}: field 'prompt' is missing and chosen starts with an assistant turn")
+    p, p_names = [{"role": "user", "content": data.string(row, "prompt", prompt)}], ["prompt"]
+  else:
+    n = _shared_prefix(c, r)
+    if n == 0:
+      raise UserError(f"{row.where}: field 'chosen': chosen and rejected share no first turn, so there is no prompt")
+    p, p_names = c[:n], c_names[:n]
+    c, c_names, r, r_names = c[n:], c_names[n:], r[n:], r_names[n:]
+    for name, part in (("chosen", c), ("rejected", r)):
+      if not part:
+        raise UserError(f"{row.where}: field '{name}' has no turn after the prompt it shares with the other")
+  data.check_order(row, p + c, p_names + c_names, last="assistant")
+  data.check_order(row, p + r, p_names + r_names, last="assistant")
+  return "chat", p, c, r
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+  return [int(t) for t in tokenizer(text)["input_ids"]]
+
+
+def encode_preference(row: Row | dict, tokenizer, *, max_length: int, max_prompt_length: int | None = None,
+                      stats: PreferenceStats | None = None) -> PreferenceExample | None:
+  """The pair's (prompt, chosen, rejected) ids as TRL 1.16 makes them, truncated; None when dropped."""
+  row = row if isinstance(row, Row) else Row("row", 1, dict(row))
+  stats = stats if stats is not None else PreferenceStats()
+  kind, p, c, r = preference_parts(row)
+  if kind == "chat":
+    prompt = data.chat_ids(tokenizer, p, add_generation_prompt=True, where=row.where)
+    full_c = data.chat_ids(tokenizer, p + c, where=row.where)
+    full_r = data.chat_ids(tokenizer, p + r, where=row.where)
+  else:
+    eos = tokenizer.eos_token or ""
+    c, r = (x if x.endswith(eos) else x + eos for x in (c, r))
+    prompt, full_c, full_r = _ids(tokenizer, p), _ids(tokenizer, p + c), _ids(tokenizer, p + r)
+  n = min(_shared_prefix(prompt, full_c), _shared_prefix(prompt, full_r))
+  stats.rows += 1
+  if n < len(prompt):
+    if not stats.boundary_shifted:
+      logging.warning("%s: the tokenized prompt is not a prefix of the tokenized prompt + completion; the "
+                      "completion starts where they diverge (as TRL does). Shown once.", row.where)
+    stats.boundary_shifted += 1
+  prompt, chosen, rejected = prompt[:n], full_c[n:], full_r[n:]
+  truncated = False
+  if max_prompt_length is not None and len(prompt) > max_prompt_length:
+    prompt, truncated = prompt[len(prompt) - max_prompt_length:], True
+  if len(prompt) >= max_length:
+    stats.dropped += 1
+    return None
+  room = max_length - len(prompt)
+  if len(chosen) > room or len(rejected) > room:
+    chosen, rejected, truncated = chosen[:room], rejected[:room], True
+  stats.truncated += truncated
+  stats.kept += 1
+  stats.tokens += len(prompt) + len(chosen) + len(rejected)
+  as_array = lambda x: np.asarray(x, np.int32)  # noqa: E731
+  return PreferenceExample(as_array(prompt), as_array(chosen), as_array(rejected), row.where)
+
+
+def encode_preferences(rows: Sequence[Row], tokenizer, *, max_length: int, max_prompt_length: int | None = None
+                       ) -> tuple[list[PreferenceExample], PreferenceStats]:
+  """Every row encoded; UserError if none is left."""
+  if max_length < 2:
+    raise UserError(f"max_length={max_length} must be at least 2")
+  if max_prompt_length is not None and max_prompt_length < 1:
+    raise UserError(f"max_prompt_length={max_prompt_length} must be at least 1")
+  stats = PreferenceStats()
+  examples = []
+  for row in rows:
+    if row.format not in ("preference", "auto"):
+      raise UserError(f"{row.where}: the dpo stage needs preference rows (chosen + rejected), got format "
+                      f"'{row.format}'")
+    ex = encode_preference(row, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, stats=stats)
+    if ex is not None:
+      examples.append(ex)
+  if not examples:
+    raise UserError(f"{data.describe_sources(rows)}: dataset left empty after filtering ({stats}; "
+                    f"max_length={max_length}, max_prompt_length={max_prompt_length})")
+  return examples, stats
+
+
+def build_batch(examples: Sequence[PreferenceExample], pairs: Sequence[int], start: int, stop: int,
+                max_length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Rows [start, stop) of the [2B, T] batch of `pairs`: row i < B is the chosen of pair i, row B + i its rejected."""
+  b = len(pairs)
+  shape = (stop - start, max_length)
+  batch = {"input_ids": np.full(shape, pad_id, np.int32), "loss_mask": np.zeros(shape, np.int32),
+           "segment_ids": np.zeros(shape, np.int32), "positions": np.zeros(shape, np.int32)}
+  for out, row in enumerate(range(start, stop)):
+    ex = examples[pairs[row % b]]
+    completion = ex.chosen_ids if row < b else ex.rejected_ids
+    p, n = len(ex.prompt_ids), len(ex.prompt_ids) + len(completion)
+    batch["input_ids"][out, :p] = ex.prompt_ids
+    batch["input_ids"][out, p:n] = completion
+    batch["loss_mask"][out, max(p, 1):n] = 1  # a token at position 0 has nothing before it to predict it
+    batch["segment_ids"][out, :n] = 1
+    batch["positions"][out, :n] = np.arange(n)
+  return batch
+
+
+class PreferenceBatchIterator(batching.BatchIterator):
+  """`BatchIterator` over pairs: global batches of `batch_size` pairs as [2B, T] rows (see the module doc)."""
+
+  def __init__(self, examples: Sequence[PreferenceExample], *, batch_size: int, max_length: int, seed: int = 0,
+               pad_id: int = 0, num_processes: int = 1, process_index: int = 0):
+    super().__init__(examples, batch_size=batch_size, max_length=max_length, seed=seed, packing=False,
+                     pad_id=pad_id, num_processes=num_processes, process_index=process_index)
+
+  def _length(self, ex) -> int:
+    return len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))
+
+  def _rows_per_batch(self, batch_size: int) -> int:
+    return 2 * batch_size
+
+  def _build(self, groups, start, stop):
+    return build_batch(self.examples, [g[0] for g in groups], start, stop, self.max_length, self.pad_id)
+
+
+def preview_record(ex: PreferenceExample, tokenizer) -> dict:
+  ids = lambda x: [int(t) for t in x]  # noqa: E731
+  prompt, chosen, rejected = ids(ex.prompt_ids), ids(ex.chosen_ids), ids(ex.rejected_ids)
+  return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected,
+          "text": tokenizer.decode(prompt + chosen, skip_special_tokens=False),
+          "rejected_text": tokenizer.decode(prompt + rejected, skip_special_tokens=False)}
