@@ -24,6 +24,37 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+def define_distributed_flags() -> None:
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs "
+                      "(default: detected from the environment, as on Cloud TPU pod slices).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+  flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+
+def initialize_distributed() -> None:
+  """jax.distributed.initialize for multi-process runs: explicit flags, or the environment
+  (Cloud TPU pod slices, SLURM, JAX_COORDINATOR_ADDRESS); a no-op on one host."""
+  import jax
+  f = flags.FLAGS
+  if f["coordinator_address"].value:
+    jax.distributed.initialize(f["coordinator_address"].value, f["num_processes"].value, f["process_id"].value)
+  elif any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID")):
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if "TPU_WORKER_HOSTNAMES" in os.environ and "," not in hosts and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+      return  # a single-host TPU VM
+    jax.distributed.initialize()
+
+
+def stage_config(config, flag: str):
+  """The stage ConfigDict of a --config value; a whole recipe (no ARG) is refused with its stages named."""
+  if config is None:
+    raise UserError(f"{flag} is required")
+  if "stage" not in config:
+    raise UserError(f"{flag}: this config holds a whole recipe ({', '.join(sorted(config.keys()))}); "
+                    f"choose one stage, e.g. {flag}=FILE.py:{sorted(config.keys())[0]}")
+  return config
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)

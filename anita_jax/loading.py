@@ -52,6 +52,20 @@ def load_weights(path: str, *, scan_layers: bool = True, dtype=np.float32,
   return hf.load_hf_dir(local, scan_layers=scan_layers, dtype=dtype, transform=transform)
 
 
+def load_config(path: str) -> ModelConfig:
+  """The architecture of a model PATH, without reading its weights."""
+  local = _resolve(path)
+  if os.path.isfile(local):
+    if not local.endswith(".gguf"):
+      raise UserError(f"{local}: not a model (expected a .gguf file or an HF model directory)")
+    from anita_jax.convert import gguf
+    return gguf.gguf_config(gguf._reader(local), local)
+  from anita_jax.config import load_hf_config
+  if not os.path.isdir(local):
+    raise UserError(f"{local}: no such model directory")
+  return load_hf_config(local)
+
+
 def load_tokenizer(path: str):
   """transformers' tokenizer (with its chat template) for an HF directory or a .gguf file."""
   import transformers
@@ -80,20 +94,22 @@ def stop_token_ids(tokenizer, config: ModelConfig) -> tuple[int, ...]:
 DTYPES = ("float32", "bfloat16")
 
 
-def leaf_transform(quant=None, dtype: str = "float32"):
+def leaf_transform(quant=None, dtype: str = "float32", place=None):
   """transform(path, array) for `load_weights`: quantizes the seven projections' kernels per
-  `quant` (streamed: one tensor at a time) and casts every other leaf to `dtype`."""
+  `quant` (streamed: one tensor at a time), casts every other leaf to `dtype`, and puts the
+  result on devices with `place(path, leaf)` (default: the default device)."""
   import jax
   import jax.numpy as jnp
 
   from anita_jax import quant as Q
   from anita_jax.model import PROJECTIONS
   spec = quant or Q.QuantSpec()
+  place = place or (lambda path, leaf: jax.device_put(leaf))
 
   def transform(path, array):
     if spec.type != "none" and path[-1] == "kernel" and path[-2] in PROJECTIONS:
-      return jax.device_put(Q.quantize(array, spec, name="/".join(path)))
-    return jax.device_put(array.astype(jnp.dtype(dtype)))
+      return place(path, Q.quantize(array, spec, name="/".join(path)))
+    return place(path, array.astype(jnp.dtype(dtype)))
 
   return transform
 

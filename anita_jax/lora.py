@@ -59,11 +59,16 @@ def _layer_prefixes(config: ModelConfig, scan_layers: bool) -> list[tuple[str, .
   return [("layers",)] if scan_layers else [(f"layers_{i}",) for i in range(config.num_layers)]
 
 
-def _dims(config: ModelConfig, name: str) -> tuple[int, int]:
+def projection_dims(config: ModelConfig) -> dict[str, tuple[int, int]]:
+  """(in, out) of each of the seven projections."""
   d, f = config.hidden_size, config.intermediate_size
   q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
   return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-          "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}[name]
+          "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+
+
+def _dims(config: ModelConfig, name: str) -> tuple[int, int]:
+  return projection_dims(config)[name]
 
 
 def adapter_shapes(config: ModelConfig, spec: LoraSpec, scan_layers: bool = True) -> dict:
@@ -103,6 +108,15 @@ def trainable_mask(params: dict, groups=("lora",)) -> dict:
 
 def _is_weight(_, node) -> bool:
   return not isinstance(node, dict)  # quantized nodes are leaves of the parameter tree here
+
+
+def flatten(tree: dict) -> dict:
+  """{path tuple: weight} with quantized nodes kept whole."""
+  return traverse_util.flatten_dict(tree, is_leaf=_is_weight)
+
+
+def unflatten(flat: dict) -> dict:
+  return traverse_util.unflatten_dict(flat)
 
 
 def partition(params: dict, mask: dict) -> tuple[dict, dict]:

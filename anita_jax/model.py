@@ -146,7 +146,13 @@ class Linear(nn.Module):
     d_in = x.shape[-1]
     kernel = self.param("kernel", Q.init_fn(self.quant or Q.QuantSpec(), self.axes),
                         (d_in, self.features), self.param_dtype)
-    y = jnp.dot(x.astype(self.dtype), Q.dequantize(kernel, self.dtype))
+    if isinstance(kernel, (Q.NF4Weight, Q.Int4Weight)):
+      # Recomputed in the backward pass rather than saved: only the 4-bit codes stay live
+      # across layers, never every layer's dequantized weights.
+      w = jax.checkpoint(lambda k: Q.dequantize(k, self.dtype))(kernel)
+    else:
+      w = kernel.astype(self.dtype)
+    y = jnp.dot(x.astype(self.dtype), w)
     if self.lora is None:
       return y
     # PEFT's init: A Kaiming-uniform (a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.

@@ -1,0 +1,42 @@
+"""orbax checkpoints of a training stage: trainable parameters, optimizer state, step, data position.
+
+The frozen base is not saved: it is reloaded (and re-quantized) from the
+stage's base model. A checkpoint becomes visible only once orbax has finished
+writing it (temporary directory, then rename), so a crash mid-save never
+leaves a checkpoint that is taken for complete.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+
+  def __init__(self, workdir: str, keep: int):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "data"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=False))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict, *, force: bool = False) -> None:
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     data=ocp.args.JsonSave(data_state)), force=force)
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int, like) -> tuple[object, dict]:
+    """(state laid out and sharded like `like`, data state) of checkpoint `step`."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+    out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                              data=ocp.args.JsonRestore()))
+    return out["state"], dict(out["data"])
+
+  def close(self) -> None:
+    self._manager.close()

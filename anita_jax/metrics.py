@@ -1,0 +1,64 @@
+"""Training metrics: `metrics.jsonl`, TensorBoard event files and a progress line on the terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rest = divmod(seconds, 3600)
+  m, s = divmod(rest, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step; only process 0 writes."""
+
+  def __init__(self, workdir: str, total_steps: int):
+    self.enabled = jax.process_index() == 0
+    self.total_steps = total_steps
+    self._start = time.time()
+    self._start_step = None
+    if not self.enabled:
+      return
+    from tensorboardX import SummaryWriter
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    for k, v in row.items():
+      if k != "step":
+        self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+
+  def progress(self, step: int, metrics: dict) -> None:
+    """One line on stderr: step, loss, lr, tokens/s, ETA."""
+    if not self.enabled:
+      return
+    if self._start_step is None:
+      self._start_step, self._start = step - 1, time.time()
+    done = step - self._start_step
+    eta = (time.time() - self._start) / max(done, 1) * (self.total_steps - step)
+    parts = [f"step {step}/{self.total_steps}"]
+    for key, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), ("learning_rate", ".2e"), ("grad_norm", ".3f"),
+                     ("rewards/accuracies", ".2f"), ("rewards/margins", ".3f"), ("tokens_per_second", ".0f")):
+      if key in metrics:
+        parts.append(f"{key.replace('tokens_per_second', 'tok/s')} {metrics[key]:{fmt}}")
+    parts.append(f"ETA {_duration(eta)}")
+    print("  ".join(parts), file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()

@@ -1,0 +1,383 @@
+"""One training stage (sft, lm or dpo) on any mesh: `train_and_evaluate(config, workdir)`.
+
+Flow: config -> data (tokenized, batched deterministically) -> mesh -> abstract
+parameters and their shardings -> frozen base streamed from disk straight into
+its shardings (quantized on the way) -> fresh or restored adapters and
+optimizer state -> one jitted step (gradient accumulation inside, state
+donated) -> checkpoints, metrics, eval.
+
+The trainable leaves (LoRA A/B by default) and the frozen ones are separate
+trees: gradients and optimizer state exist only for the trainable tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from anita_jax import checkpoint as ckpt
+from anita_jax import data as D
+from anita_jax import loading
+from anita_jax import lora as LA
+from anita_jax import losses
+from anita_jax import preference
+from anita_jax import quant as Q
+from anita_jax import sharding as S
+from anita_jax import stage_config
+from anita_jax import workdir as W
+from anita_jax.errors import UserError
+from anita_jax.metrics import MetricsWriter
+from anita_jax.model import Llama
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What the jitted step needs to know, as static values."""
+
+  stage: str
+  grad_accum: int
+  on_nonfinite: str
+  beta: float = 0.1
+  loss_type: str = "sigmoid"
+  label_smoothing: float = 0.0
+  sft_weight: float = 0.0
+  has_dropout: bool = False
+
+
+def make_optimizer(c: ml_collections.ConfigDict, total_steps: int):
+  """(optax transformation, schedule): global-norm clipping, then AdamW with warmup + decay."""
+  t = c.train
+  warmup = t.warmup_steps or int(math.ceil(t.warmup_ratio * total_steps))
+  warmup = min(warmup, total_steps)
+  decay_steps = max(total_steps - warmup, 1)
+  after = {"linear": optax.linear_schedule(t.lr, 0.0, decay_steps),
+           "cosine": optax.cosine_decay_schedule(t.lr, decay_steps),
+           "constant": optax.constant_schedule(t.lr)}[t.schedule]
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, t.lr, max(warmup, 1)), after], [warmup])
+  # As transformers' Trainer: no weight decay on norm scales (1-D leaves).
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
+  tx = optax.chain(optax.clip_by_global_norm(t.max_grad_norm) if t.max_grad_norm > 0 else optax.identity(),
+                   optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=t.weight_decay, mask=decay_mask))
+  return tx, schedule
+
+
+def _forward(model, trainable, frozen, batch, rng, spec: StepSpec, **model_kwargs):
+  params = LA.combine(trainable, frozen)
+  rngs = {"dropout": rng} if spec.has_dropout else {}
+  logits, _ = model.clone(**model_kwargs).apply(
+      {"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"], rngs=rngs)
+  return logits
+
+
+def loss_fn(model, trainable, frozen, batch, rng, spec: StepSpec, num_tokens):
+  """(loss of this micro-batch's share of the step, metrics sums)."""
+  if spec.stage != "dpo":
+    logits = _forward(model, trainable, frozen, batch, rng, spec)
+    loss, aux = losses.cross_entropy_loss(logits, batch, num_tokens=num_tokens)
+    return loss, {"loss": loss, "tokens": aux["num_tokens"]}
+  logits = _forward(model, trainable, frozen, batch, rng, spec)
+  logps, ntok, mean_logit = losses.sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+  if "ref_logps" in batch:
+    ref = batch["ref_logps"]
+  else:  # the same weights with the adapters switched off: no second copy
+    ref_logits = _forward(model, jax.lax.stop_gradient(trainable), frozen, batch, rng, spec,
+                          adapters_enabled=False, deterministic=True)
+    ref = jax.lax.stop_gradient(losses.sequence_logps(ref_logits, batch["input_ids"], batch["loss_mask"])[0])
+  b = logps.shape[0] // 2
+  sft_nll = None
+  if spec.sft_weight:
+    chosen = {k: v[:b] for k, v in batch.items() if k != "ref_logps"}
+    sum_nll, count = losses.sft_loss_terms(logits[:b], chosen)
+    sft_nll = sum_nll / jnp.maximum(count, 1.0)
+  per_pair = losses.dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=spec.beta, loss_type=spec.loss_type,
+                             label_smoothing=spec.label_smoothing, chosen_tokens=ntok[:b], rejected_tokens=ntok[b:])
+  loss = jnp.mean(per_pair)
+  if sft_nll is not None:
+    loss = loss + spec.sft_weight * sft_nll
+  loss = loss / spec.grad_accum
+  metrics = losses.dpo_metrics(logps[:b], logps[b:], ref[:b], ref[b:], beta=spec.beta, chosen_tokens=ntok[:b],
+                               rejected_tokens=ntok[b:], chosen_mean_logit=mean_logit[:b],
+                               rejected_mean_logit=mean_logit[b:])
+  metrics = {k: v / spec.grad_accum for k, v in metrics.items()}
+  return loss, {"loss": loss, "tokens": jnp.sum(ntok, dtype=jnp.float32), **metrics}
+
+
+def train_step(model, tx, spec: StepSpec, state, frozen, batches, rng):
+  """One optimizer step over `batches` (leaves [A, B, T]): returns (state, metrics)."""
+  num_tokens = None
+  if spec.stage != "dpo":  # the whole step's target count: micro-batch losses then add up to its mean
+    num_tokens = jnp.sum(jax.vmap(losses.target_mask)(batches), dtype=jnp.float32)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model), has_aux=True)
+
+  def micro(carry, xs):
+    grads, sums = carry
+    batch, key = xs
+    (_, metrics), g = grad_fn(state["params"], frozen, batch, key, spec, num_tokens)
+    grads = jax.tree.map(jnp.add, grads, g)
+    sums = jax.tree.map(jnp.add, sums, metrics)
+    return (grads, sums), None
+
+  keys = jax.random.split(jax.random.fold_in(rng, state["step"]), spec.grad_accum)
+  zeros = jax.tree.map(jnp.zeros_like, state["params"])
+  first = jax.tree.map(lambda x: x[0], batches)
+  metric_shapes = jax.eval_shape(lambda: loss_fn(model, state["params"], frozen, first, keys[0], spec,
+                                                 num_tokens)[1])
+  sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
+  (grads, metrics), _ = jax.lax.scan(micro, (zeros, sums0), (batches, keys))
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  if spec.on_nonfinite == "skip":  # keep the old state; decided on device, no host sync
+    params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), params, state["params"])
+    opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), opt_state, state["opt_state"])
+  new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+  return new_state, {**metrics, "grad_norm": grad_norm, "finite": finite}
+
+
+def eval_step(model, spec: StepSpec, params, frozen, batch):
+  """Sums over one eval batch: (sum of losses weighted for averaging, weight, extra metrics)."""
+  spec = dataclasses.replace(spec, grad_accum=1, has_dropout=False)
+  if spec.stage != "dpo":
+    logits = _forward(model, params, frozen, batch, None, spec, deterministic=True)
+    sum_nll, count = losses.sft_loss_terms(logits, batch)
+    return {"loss_sum": sum_nll, "weight": count}
+  loss, metrics = loss_fn(model.clone(deterministic=True), params, frozen, batch, None, spec, None)
+  n = jnp.float32(batch["input_ids"].shape[0] // 2)
+  return {"loss_sum": loss * n, "weight": n, "acc_sum": metrics["rewards/accuracies"] * n,
+          "margin_sum": metrics["rewards/margins"] * n}
+
+
+# ----------------------------------------------------------------------------------------------
+# Setting up a stage
+
+
+def _sources(value: str) -> list[str]:
+  return [s.strip() for s in str(value).split(",") if s.strip()]
+
+
+def build_data(c, tokenizer, *, split_field="split", source_field="train", shuffle_seed=None,
+               num_processes=1, process_index=0):
+  """(iterator, stats) for data.train (or data.eval)."""
+  rows = D.load_rows(_sources(c.data[source_field]), split=c.data[split_field], config_name=c.data.config_name,
+                     fmt=c.data.format, max_rows=c.data.max_rows)
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  seed = c.train.seed if shuffle_seed is None else shuffle_seed
+  if c.stage == "dpo":
+    examples, stats = preference.encode_preferences(rows, tokenizer, max_length=c.data.max_length,
+                                                    max_prompt_length=c.data.max_prompt_length)
+    it = preference.PreferenceBatchIterator(examples, batch_size=c.train.batch_size, max_length=c.data.max_length,
+                                            seed=seed, pad_id=pad, num_processes=num_processes,
+                                            process_index=process_index)
+  else:
+    fmt = "text" if c.stage == "lm" and c.data.format == "auto" else None
+    examples, stats = D.encode_dataset(rows, tokenizer, max_length=c.data.max_length, mask=c.data.mask,
+                                       truncation=c.data.truncation, fmt=fmt)
+    it = D.BatchIterator(examples, batch_size=c.train.batch_size, max_length=c.data.max_length, seed=seed,
+                         packing=c.data.packing, pad_id=pad, num_processes=num_processes,
+                         process_index=process_index)
+  return it, stats
+
+
+@dataclasses.dataclass
+class Stage:
+  """Everything a stage's loop, eval and export need, built once."""
+
+  config: ml_collections.ConfigDict
+  model: Llama
+  mesh: jax.sharding.Mesh
+  frozen: dict
+  state: dict
+  state_shardings: dict
+  frozen_shardings: dict
+  tokenizer: object
+  model_config: object
+  spec: LA.LoraSpec
+  step_spec: StepSpec
+  base_path: str
+
+
+def _model(c, model_config, spec) -> Llama:
+  dtype = jnp.dtype(c.model.dtype)
+  return Llama(model_config, dtype=dtype, param_dtype=dtype, scan_layers=c.model.scan_layers,
+               remat_policy=c.model.remat, lora=spec, quant=Q.QuantSpec(c.quant.type, c.quant.block_size,
+                                                                         c.quant.double_quant),
+               deterministic=c.lora.dropout == 0)
+
+
+def build_stage(c: ml_collections.ConfigDict, mesh=None) -> Stage:
+  """Mesh, model, frozen base in its shardings, fresh adapters and optimizer state (step 0)."""
+  base_path = W.base_model_path(c)
+  model_config = loading.load_config(base_path)
+  tokenizer = loading.load_tokenizer(c.model.tokenizer or base_path)
+  loading.check_tokenizer(tokenizer, model_config, c.model.tokenizer or base_path)
+  spec = LA.make_spec(c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.rslora, c.lora.targets)
+  qspec = Q.QuantSpec(c.quant.type, c.quant.block_size, c.quant.double_quant)
+  for name, (d_in, _) in LA.projection_dims(model_config).items():
+    qspec.validate(d_in, name)
+  mesh = mesh or S.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+  model = _model(c, model_config, spec)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  shardings = S.shardings_of(abstract, mesh)
+  groups = tuple(g.strip() for g in c.train.trainable.split(",") if g.strip())
+  mask = LA.trainable_mask(shardings, groups)
+  trainable_sh = LA.partition(shardings, mask)[0]
+
+  flat_sh = LA.flatten(shardings)
+  transform = loading.leaf_transform(qspec, c.model.dtype,
+                                     place=lambda path, x: jax.tree.map(S.place, x, flat_sh[path]))
+  _, base = loading.load_weights(base_path, scan_layers=c.model.scan_layers, transform=transform)
+  # Groups other than the adapters (norms, embeddings, lm_head) start from the base and train in fp32.
+  moved, frozen = LA.partition(base, LA.trainable_mask(base, groups))
+  moved = jax.tree.map(lambda x: x.astype(jnp.float32), moved)
+
+  adapter_sh = LA.partition(trainable_sh, LA.trainable_mask(trainable_sh, ("lora",)))[0]
+  init_adapters = jax.jit(lambda key: LA.init_adapters(key, model_config, spec, c.model.scan_layers),
+                          out_shardings=adapter_sh)
+  params = LA.combine(init_adapters(jax.random.key(c.train.seed)), moved)
+  tx, _ = make_optimizer(c, 1)  # the state's layout does not depend on the schedule
+  opt_state = jax.jit(tx.init)(params)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  step_spec = StepSpec(stage=c.stage, grad_accum=c.train.grad_accum, on_nonfinite=c.train.on_nonfinite,
+                       beta=c.dpo.beta, loss_type=c.dpo.loss_type, label_smoothing=c.dpo.label_smoothing,
+                       sft_weight=c.dpo.sft_weight, has_dropout=c.lora.dropout > 0)
+  if c.stage == "dpo":
+    losses.check_dpo_options(c.dpo.loss_type, c.dpo.label_smoothing)
+  return Stage(c, model, mesh, frozen, state, state_shardings, jax.tree.map(lambda x: x.sharding, frozen),
+               tokenizer, model_config, spec, step_spec, base_path)
+
+
+def restore_latest(stage: Stage, checkpoints: ckpt.Checkpoints) -> tuple[dict, dict | None]:
+  """(state, data state) of the latest checkpoint, or the fresh state and None."""
+  step = checkpoints.latest_step()
+  if step is None:
+    return stage.state, None
+  return checkpoints.restore(step, stage.state)
+
+
+def _check_resume(c, workdir: str) -> None:
+  """A workdir resumes only the run it was made for: same base model, LoRA shape, quantization."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return
+  with open(path, encoding="utf-8") as f:
+    old = json.load(f)
+  for field in ("stage", "init_from", "merge_into", "model.path", "lora.rank", "lora.targets", "lora.rslora",
+                "lora.alpha", "quant.type", "quant.block_size", "quant.double_quant", "model.scan_layers",
+                "train.trainable"):
+    a, b = old, c.to_dict()
+    for key in field.split("."):
+      a, b = (a or {}).get(key), (b or {}).get(key)
+    if a != b:
+      raise UserError(f"{path}: this workdir was trained with {field}={a!r}, not {b!r}; use a new --workdir "
+                      "or the original setting")
+
+
+def _write_json(path: str, value) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _stack(batches: list[dict]) -> dict:
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def compile_step(stage: Stage, tx, data_shardings):
+  """The jitted train step with explicit shardings; the state is donated."""
+  step = functools.partial(train_step, stage.model, tx, stage.step_spec)
+  replicated = jax.sharding.NamedSharding(stage.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step, in_shardings=(stage.state_shardings, stage.frozen_shardings, data_shardings, replicated),
+                 out_shardings=(stage.state_shardings, replicated), donate_argnums=(0,))
+
+
+def evaluate(stage: Stage, params, eval_iter, eval_fn) -> dict:
+  """Mean eval loss (token-weighted for sft/lm; pair mean for dpo) over one pass of the eval set."""
+  eval_iter.restore((0, 0))
+  totals: dict = {}
+  for _ in range(eval_iter.steps_in_epoch(0)):
+    batch = {k: S.place_local(v, S.batch_sharding(stage.mesh)) for k, v in next(eval_iter).items()}
+    for k, v in eval_fn(params, stage.frozen, batch).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  out = {"eval_loss": totals["loss_sum"] / max(totals["weight"], 1.0)}
+  if "acc_sum" in totals:
+    out["eval_rewards/accuracies"] = totals["acc_sum"] / totals["weight"]
+    out["eval_rewards/margins"] = totals["margin_sum"] / totals["weight"]
+  return out
+
+
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) one stage in `workdir`; returns the last logged metrics."""
+  stage_config.validate(c)
+  _check_resume(c, workdir)
+  processes, index = jax.process_count(), jax.process_index()
+  stage = build_stage(c)
+  train_iter, stats = build_data(c, stage.tokenizer, num_processes=processes, process_index=index)
+  print(f"train data: {stats}", file=sys.stderr, flush=True)
+  eval_iter = None
+  if c.data.eval:
+    eval_c = ml_collections.ConfigDict(c.to_dict())
+    eval_c.train.batch_size = min(c.train.batch_size, 8 * processes)
+    eval_iter, eval_stats = build_data(eval_c, stage.tokenizer, split_field="eval_split", source_field="eval",
+                                       num_processes=processes, process_index=index)
+    print(f"eval data: {eval_stats}", file=sys.stderr, flush=True)
+  per_epoch = train_iter.steps_for_epochs(c.train.epochs) // c.train.grad_accum
+  total = c.train.steps or max(per_epoch, 1)
+
+  os.makedirs(workdir, exist_ok=True)
+  if index == 0:
+    _write_json(os.path.join(workdir, "config.json"), c.to_dict())
+  checkpoints = ckpt.Checkpoints(workdir, c.checkpoint.keep)
+  tx, schedule = make_optimizer(c, total)
+  state, data_state = restore_latest(stage, checkpoints)
+  if data_state is not None:
+    train_iter.restore((data_state["epoch"], data_state["index"]))
+  step_fn = compile_step(stage, tx, S.batch_sharding(stage.mesh, 3, leading=1))
+  eval_fn = jax.jit(functools.partial(eval_step, stage.model, stage.step_spec))
+  writer = MetricsWriter(workdir, total)
+  rng = jax.random.key(c.train.seed + 1)
+  last: dict = {}
+  step = int(state["step"])
+  started, tokens = time.time(), 0.0
+  try:
+    while step < total:
+      local = _stack([next(train_iter) for _ in range(c.train.grad_accum)])
+      batch = {k: S.place_local(v, S.batch_sharding(stage.mesh, 3, leading=1)) for k, v in local.items()}
+      state, metrics = step_fn(state, stage.frozen, batch, rng)
+      step += 1
+      tokens += float(np.sum(local["segment_ids"] != 0)) * processes
+      is_last = step == total
+      if step % c.train.log_every == 0 or is_last or step == 1:
+        metrics = jax.device_get(metrics)
+        if not metrics.pop("finite") and c.train.on_nonfinite == "stop":
+          raise UserError(f"step {step}: the loss or gradient is not finite (loss={metrics['loss']}, grad_norm="
+                          f"{metrics['grad_norm']}); the last good checkpoint is kept; lower train.lr or set "
+                          "train.on_nonfinite=skip")
+        metrics.pop("tokens", None)
+        elapsed = time.time() - started
+        last = {**metrics, "learning_rate": float(schedule(step - 1)), "tokens_per_second": tokens / elapsed}
+        started, tokens = time.time(), 0.0
+        if eval_iter is not None and (is_last or (c.train.eval_every and step % c.train.eval_every == 0)):
+          last.update(evaluate(stage, state["params"], eval_iter, eval_fn))
+        writer.write(step, last)
+        writer.progress(step, last)
+      if step % c.checkpoint.every == 0 or is_last:
+        epoch, batch_index = train_iter.state()
+        checkpoints.save(step, state, {"epoch": epoch, "index": batch_index}, force=is_last)
+  finally:
+    writer.close()
+    checkpoints.close()
+  return last

@@ -1,0 +1,108 @@
+"""Training workdirs as models: the base a stage starts from, and a trained stage loaded back.
+
+A stage's base is `model.path`, or with `init_from` the merged model of the
+previous stage: its base plus its adapter, merged once and cached in that
+stage's workdir as a Hugging Face directory (`merged/`, or `merged-original/`
+for `merge_into=original`), then re-quantized by the stage that loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+
+from anita_jax import loading
+from anita_jax.errors import UserError
+
+
+def model_path(path: str) -> str:
+  return loading.embedded_default_path() if path in ("embedded", "", None) else path
+
+
+def is_workdir(path: str) -> bool:
+  return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
+      os.path.join(path, "checkpoints"))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  from anita_jax import stage_config
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f"{path}: not a readable workdir config ({e})") from None
+  c = stage_config.stage_config(saved.get("stage", "sft"))
+  c.update_from_flattened_dict({k: v for k, v in _flatten(saved).items()})
+  return c
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def base_model_path(c: ml_collections.ConfigDict) -> str:
+  """The model PATH a stage trains on (see the module doc)."""
+  if c.init_from:
+    return merged_model(c.init_from, c.merge_into)
+  return model_path(c.model.path)
+
+
+def load_trained(workdir: str, mesh=None):
+  """(Stage, restored state) of a workdir's latest checkpoint."""
+  from anita_jax import checkpoint as ckpt
+  from anita_jax import train
+  if not is_workdir(workdir):
+    raise UserError(f"{workdir}: not a training workdir (no config.json and checkpoints/)")
+  c = read_config(workdir)
+  stage = train.build_stage(c, mesh)
+  checkpoints = ckpt.Checkpoints(workdir, c.checkpoint.keep)
+  try:
+    if checkpoints.latest_step() is None:
+      raise UserError(f"{workdir}: no checkpoint to load (the stage has not finished a step)")
+    state, _ = train.restore_latest(stage, checkpoints)
+  finally:
+    checkpoints.close()
+  return stage, state
+
+
+def merged_params(workdir: str, merge_into: str = "dequantized", dtype: str = "float32"):
+  """(model config, merged params (plain arrays), tokenizer, stage) of a trained workdir."""
+  import jax.numpy as jnp
+
+  from anita_jax import lora
+  stage, state = load_trained(workdir)
+  params = lora.combine(state["params"], stage.frozen)
+  if merge_into == "original":
+    # The previous base in full precision plus this stage's delta, as the ANITA scripts merged.
+    _, original = loading.load_weights(stage.base_path, scan_layers=stage.config.model.scan_layers,
+                                       transform=loading.leaf_transform(None, "float32"))
+    adapters = {p: v for p, v in lora.flatten(params).items() if p[-1] in lora.LORA_LEAVES}
+    params = lora.combine(original, lora.unflatten(adapters))
+  merged = lora.merge(params, stage.spec, jnp.dtype(dtype))
+  return stage.model_config, jax.device_get(merged), stage.tokenizer, stage
+
+
+def merged_model(workdir: str, merge_into: str = "dequantized") -> str:
+  """The cached merged model of a finished stage, written on first use."""
+  from anita_jax import export
+  out = os.path.join(os.path.abspath(workdir), "merged" if merge_into == "dequantized" else "merged-original")
+  if os.path.isfile(os.path.join(out, "config.json")):
+    return out
+  model_config, params, tokenizer, stage = merged_params(workdir, merge_into, "float32")
+  if jax.process_index() == 0:
+    export.write_hf_model(out, model_config, params, tokenizer, dtype="float32",
+                          scan_layers=stage.config.model.scan_layers)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"merged {out}")
+  return out

@@ -1,0 +1,65 @@
+"""The embedded default: the ANITA recipe on SmolLM2-135M-Instruct (NF4) and the project's own small data.
+
+configs/anita_demo.py:sft | :dpo | :lm gives one stage; no ARG gives the whole recipe
+(one full stage config under each of sft, dpo, lm), as scripts/anita.py runs it.
+Sized to run all three stages in minutes on a 2-core CPU.
+"""
+
+import os
+
+import ml_collections
+
+from anita_jax.stage_config import stage_config
+
+
+
+def _data(name: str) -> str:
+  import anita_jax  # the installed package's copy, so the config works from any directory
+  return os.path.join(os.path.dirname(anita_jax.__file__), "demo_data", name)
+
+
+def stage(name: str) -> ml_collections.ConfigDict:
+  c = stage_config(name)
+  c.model.path = "embedded"
+  c.quant.type = "nf4"
+  c.train.log_every = 5
+  c.checkpoint.every = 20
+  c.checkpoint.keep = 2
+  c.train.batch_size = 8
+  if name == "sft":
+    c.data.train, c.data.eval = _data("sft_train.jsonl"), _data("sft_eval.jsonl")
+    c.data.max_length = 256
+    c.data.truncation = "drop"
+    c.lora.rank, c.lora.alpha = 16, 32.0
+    c.train.steps = 60
+    c.train.lr = 5e-4
+    c.train.warmup_steps = 5
+  elif name == "dpo":
+    c.data.train, c.data.eval = _data("dpo_train.jsonl"), _data("dpo_eval.jsonl")
+    c.data.max_length = 256
+    c.data.max_prompt_length = 128
+    c.lora.rank, c.lora.alpha, c.lora.rslora = 16, 16.0, True
+    c.train.batch_size = 4
+    c.train.steps = 60
+    c.train.lr = 2e-4
+    c.train.warmup_ratio = 0.1
+    c.train.weight_decay = 0.0
+    c.dpo.beta = 0.1
+  elif name == "lm":
+    c.data.train, c.data.eval = _data("it_train.jsonl"), _data("it_eval.jsonl")
+    c.data.format = "text"
+    c.data.max_length = 256
+    c.data.packing = True
+    c.lora.rank, c.lora.alpha = 16, 32.0
+    c.train.steps = 40
+    c.train.lr = 3e-4
+    c.train.warmup_steps = 4
+  return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg:
+    if arg not in ("sft", "dpo", "lm"):
+      raise ValueError(f"configs/anita_demo.py:{arg}: expected sft, dpo or lm")
+    return stage(arg)
+  return ml_collections.ConfigDict({name: stage(name) for name in ("sft", "dpo", "lm")})
