@@ -56,9 +56,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> j
       raise UserError(f"mesh: {len(devices)} devices are not divisible by the fixed mesh sizes "
                       f"({', '.join(f'{k}={v}' for k, v in sizes.items() if v != -1)})")
     sizes[free[0]] = len(devices) // fixed
-  if math.prod(sizes.values()) != len(devices):
-    raise UserError(f"mesh: data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} does not "
-                    f"match the {len(devices)} devices")
+  used = math.prod(sizes.values())
+  if len(devices) % used:
+    raise UserError(f"mesh: data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = {used} does not "
+                    f"divide the {len(devices)} devices")
+  if used < len(devices):
+    logging.warning("mesh: using %d of the %d devices", used, len(devices))
+    devices = devices[:used]
   shape = tuple(sizes[k] for k in MESH_AXES)
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 

@@ -135,7 +135,7 @@ def train_step(model, tx, spec: StepSpec, state, frozen, batches, rng):
                                                  num_tokens)[1])
   sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
   (grads, metrics), _ = jax.lax.scan(micro, (zeros, sums0), (batches, keys))
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
@@ -247,9 +247,13 @@ def build_stage(c: ml_collections.ConfigDict, mesh=None) -> Stage:
                           out_shardings=adapter_sh)
   params = LA.combine(init_adapters(jax.random.key(c.train.seed)), moved)
   tx, _ = make_optimizer(c, 1)  # the state's layout does not depend on the schedule
-  opt_state = jax.jit(tx.init)(params)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+                                        transform_non_params=lambda _: replicated)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params, "opt_state": opt_state}
+  state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
   step_spec = StepSpec(stage=c.stage, grad_accum=c.train.grad_accum, on_nonfinite=c.train.on_nonfinite,
                        beta=c.dpo.beta, loss_type=c.dpo.loss_type, label_smoothing=c.dpo.label_smoothing,
                        sft_weight=c.dpo.sft_weight, has_dropout=c.lora.dropout > 0)
@@ -319,8 +323,11 @@ def evaluate(stage: Stage, params, eval_iter, eval_fn) -> dict:
   return out
 
 
-def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) one stage in `workdir`; returns the last logged metrics."""
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None) -> dict:
+  """Runs (or resumes) one stage in `workdir`; returns the last logged metrics.
+
+  stop_after: end (with a checkpoint) once this step is reached, as a preemption would.
+  """
   stage_config.validate(c)
   _check_resume(c, workdir)
   processes, index = jax.process_count(), jax.process_index()
@@ -374,9 +381,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict:
           last.update(evaluate(stage, state["params"], eval_iter, eval_fn))
         writer.write(step, last)
         writer.progress(step, last)
-      if step % c.checkpoint.every == 0 or is_last:
+      stopping = stop_after is not None and step >= stop_after
+      if step % c.checkpoint.every == 0 or is_last or stopping:
         epoch, batch_index = train_iter.state()
-        checkpoints.save(step, state, {"epoch": epoch, "index": batch_index}, force=is_last)
+        checkpoints.save(step, state, {"epoch": epoch, "index": batch_index}, force=True)
+      if stopping:
+        break
   finally:
     writer.close()
     checkpoints.close()

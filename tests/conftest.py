@@ -35,3 +35,32 @@ def smollm2_hf_dir(smollm2_gguf, tmp_path_factory):
   model.save_pretrained(out)
   transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(out)
   return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(smollm2_gguf, tmp_path_factory):
+  """A small random Llama with SmolLM2's tokenizer (vocab 49152), as an HF directory: fast training tests."""
+  import torch
+  import transformers
+  out = str(tmp_path_factory.mktemp("tiny_hf"))
+  config = transformers.LlamaConfig(
+      vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
+      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(config).float()
+  model.save_pretrained(out)
+  directory, name = os.path.split(smollm2_gguf)
+  transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(out)
+  return out
+
+
+@pytest.fixture(scope="session")
+def demo_config():
+  """configs/anita_demo.py's get_config."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "anita_demo.py")
+  spec = importlib.util.spec_from_file_location("anita_demo", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config
