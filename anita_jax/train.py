@@ -332,6 +332,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, stop_after: i
   _check_resume(c, workdir)
   processes, index = jax.process_count(), jax.process_index()
   stage = build_stage(c)
+  shards = stage.mesh.shape["data"] * stage.mesh.shape["fsdp"]
+  if c.train.batch_size % shards:
+    raise UserError(f"config field 'train.batch_size'={c.train.batch_size}: not divisible by mesh.data x mesh.fsdp "
+                    f"= {shards}, the devices the batch is split over")
   train_iter, stats = build_data(c, stage.tokenizer, num_processes=processes, process_index=index)
   print(f"train data: {stats}", file=sys.stderr, flush=True)
   eval_iter = None

@@ -46,7 +46,7 @@ def tiny_hf_dir(smollm2_gguf, tmp_path_factory):
   config = transformers.LlamaConfig(
       vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
       num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
-      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(config).float()
   model.save_pretrained(out)

@@ -87,8 +87,8 @@ def test_resume_is_exact_and_continues_on_another_mesh(demo_config, tiny_hf_dir,
 
 
 def test_gradient_accumulation_equals_one_big_batch(demo_config, tiny_hf_dir, tmp_path):
-  big = sft_config(demo_config, tiny_hf_dir, **{"train.steps": 3, "data.packing": False})
-  small = sft_config(demo_config, tiny_hf_dir, **{"train.steps": 3, "data.packing": False,
+  big = sft_config(demo_config, tiny_hf_dir, **{"train.steps": 3, "data.packing": False, "mesh.data": 4})
+  small = sft_config(demo_config, tiny_hf_dir, **{"train.steps": 3, "data.packing": False, "mesh.data": 4,
                                                   "train.batch_size": 4, "train.grad_accum": 2})
   T.train_and_evaluate(big, str(tmp_path / "big"))
   T.train_and_evaluate(small, str(tmp_path / "small"))
@@ -112,6 +112,7 @@ def test_optimizer_state_only_for_trainable_leaves_and_frozen_untouched(demo_con
 
 @pytest.mark.parametrize("override, message", [
     ({"mesh.data": 3}, "does not divide the 8 devices"),
+    ({"train.batch_size": 4}, "not divisible by mesh.data x mesh.fsdp = 8"),
     ({"lora.rank": 0}, "lora.rank"),
     ({"quant.block_size": 48}, "quant.block_size"),
     ({"lora.targets": "q_proj,attn"}, "unknown target module 'attn'"),
