@@ -224,10 +224,12 @@ def main(*, model, prompt, prompts_file, system, chat, max_new_tokens, temperatu
     raise UserError("--prompt is empty")
   rows = read_prompts_file(prompts_file) if prompts_file else [{"prompt": prompt, "system": system}]
   path = model or loading.embedded_default_path()
-  dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  from anita_jax import workdir
+  if dtype is None and not workdir.is_workdir(path):  # a workdir has its own dtype
+    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   from anita_jax.quant import QuantSpec
   # Layers unrolled: a scanned decode step re-slices every layer's weights from the stacks.
-  net, params, tokenizer, config = loading.load_model(path, dtype=dtype, quant=QuantSpec(quant or "none"),
+  net, params, tokenizer, config = loading.load_model(path, dtype=dtype, quant=quant and QuantSpec(quant),
                                                       scan_layers=False)
   defaults = sampling_defaults(path)
   sampling = SamplingSpec(

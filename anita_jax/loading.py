@@ -114,20 +114,75 @@ def leaf_transform(quant=None, dtype: str = "float32", place=None):
   return transform
 
 
-def load_model(path: str, *, dtype: str = "float32", quant=None, scan_layers: bool = True):
-  """(Llama module, params on the default device, tokenizer, config) for a model PATH."""
+def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: bool = True):
+  """(Llama module, params on the default device, tokenizer, config) for any model PATH.
+
+  A training workdir comes with its trained adapter (and, unless overridden, its own
+  dtype and quantization); a PEFT adapter directory with its base model. dtype
+  defaults to float32, quant to none. `scan_layers=False` unrolls the layers
+  (faster decoding on CPU).
+  """
+  import jax
   import jax.numpy as jnp
 
-  from anita_jax.model import Llama
-  if dtype not in DTYPES:
+  from anita_jax import lora
+  from anita_jax import quant as Q
+  from anita_jax import workdir as W
+  from anita_jax.model import Llama, unstack_layers
+  if dtype is not None and dtype not in DTYPES:
     raise UserError(f"--dtype={dtype}: expected one of {', '.join(DTYPES)}")
-  config, params = load_weights(path, scan_layers=scan_layers, dtype=np.float32,
+  if W.is_workdir(path):
+    c = W.read_config(path)
+    if dtype is not None:
+      c.model.dtype = dtype
+    if quant is not None:
+      c.quant.type, c.quant.block_size, c.quant.double_quant = quant.type, quant.block_size, quant.double_quant
+    c.lora.dropout = 0.0
+    stage, state = W.load_trained(path, config=c, mesh=_one_device_mesh())
+    params = lora.combine(state["params"], stage.frozen)
+    model = stage.model.clone(deterministic=True)
+    if not scan_layers and model.scan_layers:
+      params, model = unstack_layers(params, stage.model_config.num_layers), model.clone(scan_layers=False)
+    return model, params, stage.tokenizer, stage.model_config
+  dtype = dtype or "float32"
+  quant = quant or Q.QuantSpec()
+  spec, adapters = None, None
+  if lora.is_peft_dir(path):
+    base = _peft_base(path)
+    config = load_config(base)
+    spec, adapters, _ = lora.load_peft(path, config, scan_layers=scan_layers)
+    adapters = jax.device_put(adapters)
+    weights_path, tokenizer_path = base, (path if _has_tokenizer(path) else base)
+  else:
+    weights_path = tokenizer_path = path
+  config, params = load_weights(weights_path, scan_layers=scan_layers, dtype=np.float32,
                                 transform=leaf_transform(quant, dtype))
-  tokenizer = load_tokenizer(path)
-  check_tokenizer(tokenizer, config, path)
+  if adapters is not None:
+    params = lora.combine(params, adapters)
+  tokenizer = load_tokenizer(tokenizer_path)
+  check_tokenizer(tokenizer, config, tokenizer_path)
   model = Llama(config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype), scan_layers=scan_layers,
-                quant=quant)
+                quant=quant, lora=spec)
   return model, params, tokenizer, config
+
+
+def _one_device_mesh():
+  from anita_jax import sharding
+  return sharding.make_mesh(1, 1, 1)
+
+
+def _has_tokenizer(directory: str) -> bool:
+  return any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _peft_base(directory: str) -> str:
+  import json
+  with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as f:
+    base = json.load(f).get("base_model_name_or_path")
+  if not base:
+    raise UserError(f"{directory}/adapter_config.json: field 'base_model_name_or_path' is missing: the adapter "
+                    "does not name its base model")
+  return base
 
 
 def check_tokenizer(tokenizer, config: ModelConfig, path: str) -> None:

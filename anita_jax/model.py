@@ -325,3 +325,12 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32) 
   """An empty KV cache {"k", "v"}: [L, B, S, K, H]."""
   shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+  """A scanned parameter tree (`layers/...` with a leading [L] axis) as `layers_{i}/...`."""
+  params = dict(params)
+  stacked = params.pop("layers")
+  for i in range(num_layers):
+    params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params

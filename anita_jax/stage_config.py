@@ -28,6 +28,10 @@ def stage_config(stage: str = "sft") -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.model.scan_layers = True
   c.model.remat = "none"  # none | full | dots | dots_no_batch
+  c.model.license = "apache-2.0"  # of the base model, for exported model cards
+
+  # Sampling defaults written into exported generation_config.json (temperature 0: greedy).
+  c.generation = ml_collections.ConfigDict({"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 256})
 
   c.quant = ml_collections.ConfigDict({"type": "nf4", "block_size": 64, "double_quant": True})
 

@@ -57,13 +57,13 @@ def base_model_path(c: ml_collections.ConfigDict) -> str:
   return model_path(c.model.path)
 
 
-def load_trained(workdir: str, mesh=None):
-  """(Stage, restored state) of a workdir's latest checkpoint."""
+def load_trained(workdir: str, mesh=None, config: ml_collections.ConfigDict | None = None):
+  """(Stage, restored state) of a workdir's latest checkpoint (optionally with its config changed)."""
   from anita_jax import checkpoint as ckpt
   from anita_jax import train
   if not is_workdir(workdir):
     raise UserError(f"{workdir}: not a training workdir (no config.json and checkpoints/)")
-  c = read_config(workdir)
+  c = config or read_config(workdir)
   stage = train.build_stage(c, mesh)
   checkpoints = ckpt.Checkpoints(workdir, c.checkpoint.keep)
   try:
@@ -75,12 +75,11 @@ def load_trained(workdir: str, mesh=None):
   return stage, state
 
 
-def merged_params(workdir: str, merge_into: str = "dequantized", dtype: str = "float32"):
-  """(model config, merged params (plain arrays), tokenizer, stage) of a trained workdir."""
+def merged_params(stage, state, merge_into: str = "dequantized", dtype: str = "float32") -> dict:
+  """A trained stage's base plus its adapter as plain arrays on the host (see `lora.merge`)."""
   import jax.numpy as jnp
 
   from anita_jax import lora
-  stage, state = load_trained(workdir)
   params = lora.combine(state["params"], stage.frozen)
   if merge_into == "original":
     # The previous base in full precision plus this stage's delta, as the ANITA scripts merged.
@@ -88,8 +87,60 @@ def merged_params(workdir: str, merge_into: str = "dequantized", dtype: str = "f
                                        transform=loading.leaf_transform(None, "float32"))
     adapters = {p: v for p, v in lora.flatten(params).items() if p[-1] in lora.LORA_LEAVES}
     params = lora.combine(original, lora.unflatten(adapters))
-  merged = lora.merge(params, stage.spec, jnp.dtype(dtype))
-  return stage.model_config, jax.device_get(merged), stage.tokenizer, stage
+  return jax.device_get(lora.merge(params, stage.spec, jnp.dtype(dtype)))
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def stage_chain(workdir: str) -> list[ml_collections.ConfigDict]:
+  """The configs of every stage that led to `workdir`, first stage first (via init_from)."""
+  chain = [read_config(workdir)]
+  while chain[0].init_from:
+    chain.insert(0, read_config(chain[0].init_from))
+  return chain
+
+
+def generation_defaults(c: ml_collections.ConfigDict) -> dict:
+  g = c.generation
+  out = {"max_new_tokens": int(g.max_new_tokens)}
+  if g.temperature > 0:
+    out.update(do_sample=True, temperature=float(g.temperature), top_p=float(g.top_p), top_k=int(g.top_k))
+  return out
+
+
+def export_workdir(workdir: str, out: str, *, merged: bool = True, adapter: bool = True, dtype: str = "bfloat16",
+                   merge_into: str = "dequantized") -> None:
+  """scripts/export_hf.py: OUT/ (merged model) and OUT/adapter/ (PEFT), written atomically as one directory."""
+  from anita_jax import export
+  if merge_into not in ("dequantized", "original"):
+    raise UserError(f"--merge_into={merge_into}: expected dequantized or original")
+  if not (merged or adapter):
+    raise UserError("nothing to export: --merged=false and --adapter=false")
+  chain = stage_chain(workdir)
+  stage, state = load_trained(workdir)
+  c = stage.config
+  stages = [{"name": s.stage, "data": s.data.train, "lora": {"rank": s.lora.rank, "alpha": s.lora.alpha,
+                                                             "rslora": s.lora.rslora},
+             "quant": s.quant.type, "lr": s.train.lr, "steps": s.train.steps, "batch_size": s.train.batch_size,
+             "grad_accum": s.train.grad_accum} for s in chain]
+  original = model_path(chain[0].model.path)
+  card = export.model_card(original, stages, c.model.license)
+  params = merged_params(stage, state, merge_into, "float32") if merged else None
+  if jax.process_index() == 0:
+    with export.atomic_dir(out) as tmp:
+      if merged:
+        export.write_hf_model(tmp, stage.model_config, params, stage.tokenizer, dtype=dtype,
+                              scan_layers=c.model.scan_layers, generation_config=generation_defaults(c),
+                              model_card=card, atomic=False)
+      if adapter:
+        adapters = jax.device_get(state["params"])
+        export.write_adapter(os.path.join(tmp, "adapter"), adapters, stage.model_config, stage.spec,
+                             base_model=stage.base_path, scan_layers=c.model.scan_layers, atomic=False)
+  _barrier(f"export {out}")
 
 
 def merged_model(workdir: str, merge_into: str = "dequantized") -> str:
@@ -98,11 +149,10 @@ def merged_model(workdir: str, merge_into: str = "dequantized") -> str:
   out = os.path.join(os.path.abspath(workdir), "merged" if merge_into == "dequantized" else "merged-original")
   if os.path.isfile(os.path.join(out, "config.json")):
     return out
-  model_config, params, tokenizer, stage = merged_params(workdir, merge_into, "float32")
+  stage, state = load_trained(workdir)
+  params = merged_params(stage, state, merge_into, "float32")
   if jax.process_index() == 0:
-    export.write_hf_model(out, model_config, params, tokenizer, dtype="float32",
+    export.write_hf_model(out, stage.model_config, params, stage.tokenizer, dtype="float32",
                           scan_layers=stage.config.model.scan_layers)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"merged {out}")
+  _barrier(f"merged {out}")
   return out
