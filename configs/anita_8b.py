@@ -1,0 +1,73 @@
+"""LLaMAntino-3-ANITA on Meta-Llama-3-8B-Instruct: the published recipe, for Cloud TPU.
+
+configs/anita_8b.py:sft | :dpo | :lm gives one stage; no ARG gives the whole recipe.
+Hyperparameters and datasets as released by the ANITA authors (QLoRA: NF4 with double
+quantization, bf16 compute, LoRA on all seven projections). The global batch is the
+ANITA one: batch_size x grad_accum sequences (pairs for DPO) per optimizer step.
+"""
+
+import ml_collections
+
+from anita_jax.stage_config import stage_config
+
+BASE = "meta-llama/Meta-Llama-3-8B-Instruct"
+SYSTEM_PROMPT = ("Sei un an assistente AI per la lingua Italiana di nome LLaMAntino-3 ANITA (Advanced "
+                 "Natural-based interaction for the ITAlian language). Rispondi nella lingua usata per la domanda "
+                 "in modo chiaro, semplice ed esaustivo.")
+
+
+def stage(name: str) -> ml_collections.ConfigDict:
+  c = stage_config(name)
+  c.model.path = BASE
+  c.model.dtype = "bfloat16"
+  c.model.license = "llama3"
+  c.model.remat = "full"
+  c.quant.type, c.quant.block_size, c.quant.double_quant = "nf4", 64, True
+  c.generation.temperature, c.generation.top_p, c.generation.max_new_tokens = 0.6, 0.9, 512
+  c.train.log_every = 10
+  c.checkpoint.every = 200
+  c.checkpoint.keep = 2
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  if name == "sft":
+    c.data.train = "Chat-Error/wizard_alpaca_dolly_orca"
+    c.data.format = "alpaca"
+    c.data.max_length = 8192
+    c.data.packing = True
+    c.data.mask = "all"  # ANITA trained on all tokens
+    c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.rslora = 16, 8.0, 0.0, False
+    c.train.epochs = 1
+    c.train.batch_size, c.train.grad_accum = 16, 8
+    c.train.lr, c.train.schedule, c.train.warmup_steps = 2e-4, "linear", 100
+    c.train.weight_decay = 0.01
+  elif name == "dpo":
+    c.init_from = "WORKDIR/sft"  # scripts/anita.py fills in the real path
+    c.data.train = "mlabonne/orpo-dpo-mix-40k"
+    c.data.max_length = 1024
+    c.data.max_prompt_length = 512
+    c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.rslora = 64, 16.0, 0.0, True
+    c.train.epochs = 1
+    c.train.batch_size, c.train.grad_accum = 8, 12
+    c.train.lr, c.train.schedule, c.train.warmup_ratio = 5e-5, "linear", 0.1
+    c.train.weight_decay = 0.0
+    c.dpo.beta, c.dpo.loss_type, c.dpo.reference = 0.1, "sigmoid", "base"
+  elif name == "lm":
+    c.init_from = "WORKDIR/dpo"
+    c.data.train = "gsarti/clean_mc4_it"
+    c.data.config_name = "tiny"
+    c.data.split = "train[:20000]"
+    c.data.format = "text"
+    c.data.max_length = 8192
+    c.data.packing = True
+    c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.rslora = 64, 16.0, 0.0, False
+    c.train.epochs = 1
+    c.train.batch_size, c.train.grad_accum = 16, 8
+    c.train.lr, c.train.schedule, c.train.warmup_steps = 2e-5, "linear", 100
+  return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg:
+    if arg not in ("sft", "dpo", "lm"):
+      raise ValueError(f"configs/anita_8b.py:{arg}: expected sft, dpo or lm")
+    return stage(arg)
+  return ml_collections.ConfigDict({name: stage(name) for name in ("sft", "dpo", "lm")})
