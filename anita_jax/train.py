@@ -21,6 +21,7 @@ import sys
 import time
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -216,51 +217,77 @@ def _model(c, model_config, spec) -> Llama:
                deterministic=c.lora.dropout == 0)
 
 
-def build_stage(c: ml_collections.ConfigDict, mesh=None) -> Stage:
-  """Mesh, model, frozen base in its shardings, fresh adapters and optimizer state (step 0)."""
-  base_path = W.base_model_path(c)
-  model_config = loading.load_config(base_path)
-  tokenizer = loading.load_tokenizer(c.model.tokenizer or base_path)
-  loading.check_tokenizer(tokenizer, model_config, c.model.tokenizer or base_path)
+def _step_spec(c) -> StepSpec:
+  if c.stage == "dpo":
+    losses.check_dpo_options(c.dpo.loss_type, c.dpo.label_smoothing)
+  return StepSpec(stage=c.stage, grad_accum=c.train.grad_accum, on_nonfinite=c.train.on_nonfinite,
+                  beta=c.dpo.beta, loss_type=c.dpo.loss_type, label_smoothing=c.dpo.label_smoothing,
+                  sft_weight=c.dpo.sft_weight, has_dropout=c.lora.dropout > 0)
+
+
+def _trainable_groups(c) -> tuple[str, ...]:
+  return tuple(g.strip() for g in c.train.trainable.split(",") if g.strip())
+
+
+def abstract_stage(c: ml_collections.ConfigDict, model_config, mesh, tokenizer=None, base_path: str = "") -> Stage:
+  """The stage with shapes only: `state` and `frozen` hold ShapeDtypeStructs carrying their shardings.
+
+  Enough to lower and compile the train step for any mesh (ahead-of-time
+  compilation for TPU topologies) without reading a single weight.
+  """
   spec = LA.make_spec(c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.rslora, c.lora.targets)
   qspec = Q.QuantSpec(c.quant.type, c.quant.block_size, c.quant.double_quant)
   for name, (d_in, _) in LA.projection_dims(model_config).items():
     qspec.validate(d_in, name)
-  mesh = mesh or S.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
   model = _model(c, model_config, spec)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  shardings = S.shardings_of(abstract, mesh)
-  groups = tuple(g.strip() for g in c.train.trainable.split(",") if g.strip())
-  mask = LA.trainable_mask(shardings, groups)
-  trainable_sh = LA.partition(shardings, mask)[0]
+  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  shardings = S.shardings_of(boxed, mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
+  trainable, frozen = LA.partition(abstract, LA.trainable_mask(abstract, _trainable_groups(c)))
+  # Groups other than the adapters (norms, embeddings, lm_head) train in fp32.
+  trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), trainable)
+  tx, _ = make_optimizer(c, 1)  # the state's layout does not depend on the schedule
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+  opt_abstract = jax.eval_shape(tx.init, trainable)
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, param_shardings,
+                                        transform_non_params=lambda _: replicated)
+  opt_abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_abstract,
+                              opt_shardings)
+  state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), "params": trainable,
+           "opt_state": opt_abstract}
+  state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+  return Stage(c, model, mesh, frozen, state, state_shardings, jax.tree.map(lambda x: x.sharding, frozen),
+               tokenizer, model_config, spec, _step_spec(c), base_path)
 
-  flat_sh = LA.flatten(shardings)
+
+def build_stage(c: ml_collections.ConfigDict, mesh=None) -> Stage:
+  """The stage with real arrays: the frozen base streamed from disk into its shardings
+  (quantized on the way), fresh adapters and optimizer state (step 0)."""
+  base_path = W.base_model_path(c)
+  model_config = loading.load_config(base_path)
+  tokenizer = loading.load_tokenizer(c.model.tokenizer or base_path)
+  loading.check_tokenizer(tokenizer, model_config, c.model.tokenizer or base_path)
+  mesh = mesh or S.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+  stage = abstract_stage(c, model_config, mesh, tokenizer, base_path)
+  qspec = Q.QuantSpec(c.quant.type, c.quant.block_size, c.quant.double_quant)
+  flat_sh = {**LA.flatten(stage.frozen_shardings), **LA.flatten(stage.state_shardings["params"])}
   transform = loading.leaf_transform(qspec, c.model.dtype,
                                      place=lambda path, x: jax.tree.map(S.place, x, flat_sh[path]))
   _, base = loading.load_weights(base_path, scan_layers=c.model.scan_layers, transform=transform)
-  # Groups other than the adapters (norms, embeddings, lm_head) start from the base and train in fp32.
+  groups = _trainable_groups(c)
   moved, frozen = LA.partition(base, LA.trainable_mask(base, groups))
   moved = jax.tree.map(lambda x: x.astype(jnp.float32), moved)
-
-  adapter_sh = LA.partition(trainable_sh, LA.trainable_mask(trainable_sh, ("lora",)))[0]
-  init_adapters = jax.jit(lambda key: LA.init_adapters(key, model_config, spec, c.model.scan_layers),
+  adapter_sh = LA.partition(stage.state_shardings["params"],
+                            LA.trainable_mask(stage.state_shardings["params"], ("lora",)))[0]
+  init_adapters = jax.jit(lambda key: LA.init_adapters(key, model_config, stage.spec, c.model.scan_layers),
                           out_shardings=adapter_sh)
   params = LA.combine(init_adapters(jax.random.key(c.train.seed)), moved)
-  tx, _ = make_optimizer(c, 1)  # the state's layout does not depend on the schedule
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  param_shardings = jax.tree.map(lambda x: x.sharding, params)
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
-                                        transform_non_params=lambda _: replicated)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params, "opt_state": opt_state}
-  state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
-  step_spec = StepSpec(stage=c.stage, grad_accum=c.train.grad_accum, on_nonfinite=c.train.on_nonfinite,
-                       beta=c.dpo.beta, loss_type=c.dpo.loss_type, label_smoothing=c.dpo.label_smoothing,
-                       sft_weight=c.dpo.sft_weight, has_dropout=c.lora.dropout > 0)
-  if c.stage == "dpo":
-    losses.check_dpo_options(c.dpo.loss_type, c.dpo.label_smoothing)
-  return Stage(c, model, mesh, frozen, state, state_shardings, jax.tree.map(lambda x: x.sharding, frozen),
-               tokenizer, model_config, spec, step_spec, base_path)
+  tx, _ = make_optimizer(c, 1)
+  opt_state = jax.jit(tx.init, out_shardings=stage.state_shardings["opt_state"])(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), stage.state_shardings["step"])
+  return dataclasses.replace(stage, frozen=frozen, state={"step": step, "params": params, "opt_state": opt_state})
 
 
 def restore_latest(stage: Stage, checkpoints: ckpt.Checkpoints) -> tuple[dict, dict | None]:

@@ -40,7 +40,7 @@ def stage(name: str) -> ml_collections.ConfigDict:
     c.train.lr, c.train.schedule, c.train.warmup_steps = 2e-4, "linear", 100
     c.train.weight_decay = 0.01
   elif name == "dpo":
-    c.init_from = "WORKDIR/sft"  # scripts/anita.py fills in the real path
+    # init_from: the sft workdir (scripts/anita.py sets it; with train.py pass --config.init_from=DIR/sft)
     c.data.train = "mlabonne/orpo-dpo-mix-40k"
     c.data.max_length = 1024
     c.data.max_prompt_length = 512
@@ -51,7 +51,7 @@ def stage(name: str) -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.0
     c.dpo.beta, c.dpo.loss_type, c.dpo.reference = 0.1, "sigmoid", "base"
   elif name == "lm":
-    c.init_from = "WORKDIR/dpo"
+    # init_from: the dpo workdir
     c.data.train = "gsarti/clean_mc4_it"
     c.data.config_name = "tiny"
     c.data.split = "train[:20000]"
