@@ -105,12 +105,13 @@ class JaxLM(TemplateLM):
     self._generator = None
 
   @classmethod
-  def from_path(cls, path: str, *, dtype: str = "float32", quant: str = "none", scan_layers: bool = True,
+  def from_path(cls, path: str, *, dtype: str | None = None, quant: str | None = None, scan_layers: bool = True,
                 **kwargs) -> JaxLM:
     """Loads a model PATH (see `loading.load_model`); kwargs go to the constructor."""
     from anita_jax import loading
     from anita_jax.quant import QuantSpec
-    model, params, tokenizer, config = loading.load_model(path, dtype=dtype, quant=QuantSpec(quant),
+    # None keeps a workdir's own dtype and quantization (plain models: float32, unquantized).
+    model, params, tokenizer, config = loading.load_model(path, dtype=dtype, quant=quant and QuantSpec(quant),
                                                           scan_layers=scan_layers)
     info = {"model_path": path, "dtype": dtype, "quant": quant, "num_params": config.num_params}
     return cls(model, params, tokenizer, config, info=info, **kwargs)
@@ -412,8 +413,10 @@ def main(*, model: str | None, tasks: Sequence[str], output: str, num_fewshot: i
   manager = task_manager(include_path)
   tasks = check_tasks(tasks, manager)
   path = model or loading.embedded_default_path()
-  dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  lm = JaxLM.from_path(path, dtype=dtype, quant=quant or "none", batch_size=batch_size, max_length=max_length)
+  from anita_jax import workdir
+  if dtype is None and not workdir.is_workdir(path):  # a workdir has its own dtype
+    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  lm = JaxLM.from_path(path, dtype=dtype, quant=quant, batch_size=batch_size, max_length=max_length)
   doc = run_tasks(lm, tasks, manager, num_fewshot=num_fewshot, limit=limit,
                   apply_chat_template=apply_chat_template, system=system, bootstrap_iters=bootstrap_iters)
   write_json(output, doc)

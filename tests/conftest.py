@@ -32,6 +32,9 @@ def smollm2_hf_dir(smollm2_gguf, tmp_path_factory):
   model = transformers.LlamaForCausalLM(gguf_model.config).float()
   model.load_state_dict(gguf_model.state_dict())
   model.generation_config = gguf_model.generation_config
+  model.config.quantization_config = None  # the GGUF origin is not a property of this fp32 copy
+  if hasattr(model.config, "quantization_config"):
+    del model.config.quantization_config
   model.save_pretrained(out)
   transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(out)
   return out
