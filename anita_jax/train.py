@@ -350,6 +350,63 @@ def evaluate(stage: Stage, params, eval_iter, eval_fn) -> dict:
   return out
 
 
+def reference_logps(stage: Stage, examples, batch_size: int, max_length: int, pad_id: int) -> np.ndarray:
+  """[N, 2] summed completion log-probs (chosen, rejected) of every pair under the reference
+  (the base, adapters disabled), in one pass; the same numbers `dpo.reference=base` computes."""
+
+  @jax.jit
+  def logps(frozen, params, batch):
+    logits = _forward(stage.model, params, frozen, batch, None, stage.step_spec, adapters_enabled=False,
+                      deterministic=True)
+    return losses.sequence_logps(logits, batch["input_ids"], batch["loss_mask"])[0]
+
+  out = np.zeros((len(examples), 2), np.float32)
+  sharding = S.batch_sharding(stage.mesh)
+  for start in range(0, len(examples), batch_size):
+    pairs = list(range(start, min(start + batch_size, len(examples))))
+    pairs += [pairs[-1]] * (batch_size - len(pairs))  # a fixed shape: one compile
+    local = preference.build_batch(examples, pairs, 0, 2 * batch_size, max_length, pad_id)
+    batch = {k: S.place(v, sharding) for k, v in local.items()}
+    values = np.asarray(jax.device_get(logps(stage.frozen, stage.state["params"], batch)))
+    out[pairs, 0], out[pairs, 1] = values[:batch_size], values[batch_size:]
+  return out
+
+
+def _cached_reference(stage: Stage, it, workdir: str) -> np.ndarray:
+  path = os.path.join(workdir, "reference_logps.npy")
+  if os.path.isfile(path):
+    ref = np.load(path, allow_pickle=False)
+    if ref.shape == (len(it.examples), 2):
+      return ref
+  c = stage.config
+  ref = reference_logps(stage, it.examples, c.train.batch_size, c.data.max_length, it.pad_id)
+  if jax.process_index() == 0:
+    tmp = f"{path}.tmp-{os.getpid()}.npy"
+    np.save(tmp, ref, allow_pickle=False)
+    os.replace(tmp, path)
+  return ref
+
+
+def _reference_rows(it, ref: np.ndarray) -> np.ndarray:
+  """This process's rows of the next batch's reference log-probs ([2B] global rows: chosen, then rejected)."""
+  epoch, index = it.state()
+  while index >= it.steps_in_epoch(epoch):
+    epoch, index = epoch + 1, 0
+  b = it.batch_size
+  pairs = [g[0] for g in it.groups(epoch)[index * b:(index + 1) * b]]
+  share = 2 * b // it.num_processes
+  rows = range(it.process_index * share, (it.process_index + 1) * share)
+  return np.asarray([ref[pairs[r % b], 0 if r < b else 1] for r in rows], np.float32)
+
+
+def _next_batch(it, ref):
+  rows = None if ref is None else _reference_rows(it, ref)
+  batch = next(it)
+  if rows is not None:
+    batch["ref_logps"] = rows
+  return batch
+
+
 def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None) -> dict:
   """Runs (or resumes) one stage in `workdir`; returns the last logged metrics.
 
@@ -383,7 +440,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, stop_after: i
   state, data_state = restore_latest(stage, checkpoints)
   if data_state is not None:
     train_iter.restore((data_state["epoch"], data_state["index"]))
-  step_fn = compile_step(stage, tx, S.batch_sharding(stage.mesh, 3, leading=1))
+  ref = None
+  if c.stage == "dpo" and c.dpo.reference == "precomputed":
+    ref = _cached_reference(stage, train_iter, workdir)
+  data_sharding = {"input_ids": S.batch_sharding(stage.mesh, 3, leading=1)}
+  data_sharding = {k: data_sharding["input_ids"] for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
+  if ref is not None:
+    data_sharding["ref_logps"] = S.batch_sharding(stage.mesh, 2, leading=1)
+  step_fn = compile_step(stage, tx, data_sharding)
   eval_fn = jax.jit(functools.partial(eval_step, stage.model, stage.step_spec))
   writer = MetricsWriter(workdir, total)
   rng = jax.random.key(c.train.seed + 1)
@@ -392,8 +456,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, stop_after: i
   started, tokens = time.time(), 0.0
   try:
     while step < total:
-      local = _stack([next(train_iter) for _ in range(c.train.grad_accum)])
-      batch = {k: S.place_local(v, S.batch_sharding(stage.mesh, 3, leading=1)) for k, v in local.items()}
+      local = _stack([_next_batch(train_iter, ref) for _ in range(c.train.grad_accum)])
+      batch = {k: S.place_local(v, data_sharding[k]) for k, v in local.items()}
       state, metrics = step_fn(state, stage.frozen, batch, rng)
       step += 1
       tokens += float(np.sum(local["segment_ids"] != 0)) * processes
