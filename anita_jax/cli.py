@@ -60,7 +60,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     _fail(str(e).splitlines()[0])
-    raise  # unreachable
+  except (AttributeError, KeyError) as e:  # ml_collections: --config.FIELD names no field of the config
+    field = str(e).strip("\"'").split("'")[0]
+    bad = next((a.split("=")[0] for a in argv if a.startswith("--config.") and field in a), "--config.FIELD")
+    _fail(f"{bad}: unknown config field '{field}'")
+  raise AssertionError("unreachable")
 
 
 def run(main: Callable[[list[str]], None]) -> None:

@@ -522,3 +522,26 @@ def preview_records(examples: Sequence, tokenizer) -> list[dict]:
     records.append({"input_ids": ids, "loss_mask": [int(t) for t in ex.loss_mask],
                     "text": tokenizer.decode(ids, skip_special_tokens=False)})
   return records
+
+
+def preview_main(c, num_examples: int) -> None:
+  """scripts/preview_data.py: the first examples of data.train as the trainer encodes them, as JSON lines."""
+  import json
+  import sys
+
+  from anita_jax import loading, preference, stage_config, workdir
+  stage_config.validate(c)
+  tokenizer = loading.load_tokenizer(c.model.tokenizer or workdir.model_path(c.model.path))
+  rows = load_rows([s.strip() for s in c.data.train.split(",") if s.strip()], split=c.data.split,
+                   config_name=c.data.config_name, fmt=c.data.format,
+                   max_rows=num_examples if c.data.max_rows is None else min(num_examples, c.data.max_rows))
+  if c.stage == "dpo":
+    examples, stats = preference.encode_preferences(rows, tokenizer, max_length=c.data.max_length,
+                                                    max_prompt_length=c.data.max_prompt_length)
+  else:
+    fmt = "text" if c.stage == "lm" and c.data.format == "auto" else None
+    examples, stats = encode_dataset(rows, tokenizer, max_length=c.data.max_length, mask=c.data.mask,
+                                     truncation=c.data.truncation, fmt=fmt)
+  for record in preview_records(examples[:num_examples], tokenizer):
+    print(json.dumps(record, ensure_ascii=False))
+  print(f"{stats}", file=sys.stderr)

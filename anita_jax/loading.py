@@ -131,6 +131,8 @@ def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: 
   from anita_jax.model import Llama, unstack_layers
   if dtype is not None and dtype not in DTYPES:
     raise UserError(f"--dtype={dtype}: expected one of {', '.join(DTYPES)}")
+  if isinstance(quant, str):
+    quant = Q.QuantSpec(quant)
   if W.is_workdir(path):
     c = W.read_config(path)
     if dtype is not None:

@@ -463,7 +463,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, stop_after: i
       tokens += float(np.sum(local["segment_ids"] != 0)) * processes
       is_last = step == total
       if step % c.train.log_every == 0 or is_last or step == 1:
-        metrics = jax.device_get(metrics)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not metrics.pop("finite") and c.train.on_nonfinite == "stop":
           raise UserError(f"step {step}: the loss or gradient is not finite (loss={metrics['loss']}, grad_norm="
                           f"{metrics['grad_norm']}); the last good checkpoint is kept; lower train.lr or set "

@@ -25,22 +25,22 @@ def stage(name: str) -> ml_collections.ConfigDict:
   c.train.log_every = 5
   c.checkpoint.every = 20
   c.checkpoint.keep = 2
-  c.train.batch_size = 8
+  c.train.batch_size = 4
   if name == "sft":
     c.data.train, c.data.eval = _data("sft_train.jsonl"), _data("sft_eval.jsonl")
     c.data.max_length = 256
+    c.data.packing = True
     c.data.truncation = "drop"
     c.lora.rank, c.lora.alpha = 16, 32.0
-    c.train.steps = 60
+    c.train.steps = 36
     c.train.lr = 5e-4
-    c.train.warmup_steps = 5
+    c.train.warmup_steps = 4
   elif name == "dpo":
     c.data.train, c.data.eval = _data("dpo_train.jsonl"), _data("dpo_eval.jsonl")
-    c.data.max_length = 256
-    c.data.max_prompt_length = 128
+    c.data.max_length = 128
+    c.data.max_prompt_length = 96
     c.lora.rank, c.lora.alpha, c.lora.rslora = 16, 16.0, True
-    c.train.batch_size = 4
-    c.train.steps = 60
+    c.train.steps = 40
     c.train.lr = 2e-4
     c.train.warmup_ratio = 0.1
     c.train.weight_decay = 0.0
@@ -51,9 +51,9 @@ def stage(name: str) -> ml_collections.ConfigDict:
     c.data.max_length = 256
     c.data.packing = True
     c.lora.rank, c.lora.alpha = 16, 32.0
-    c.train.steps = 40
+    c.train.steps = 24
     c.train.lr = 3e-4
-    c.train.warmup_steps = 4
+    c.train.warmup_steps = 3
   return c
 
 

@@ -1,0 +1,87 @@
+"""The whole ANITA recipe: SFT -> DPO -> Italian LM, each stage from the merged one before, then export and report.
+
+Each stage is an ordinary training workdir under DIR (`DIR/sft`, `DIR/dpo`, `DIR/lm`);
+a finished stage leaves `DONE.json` and is skipped when the recipe runs again, and an
+unfinished one resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+
+from anita_jax import report
+from anita_jax import train
+from anita_jax import workdir as W
+from anita_jax.errors import UserError
+
+STAGES = ("sft", "dpo", "lm")
+DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_data")
+
+
+def _say(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _done_path(stage_dir: str) -> str:
+  return os.path.join(stage_dir, "DONE.json")
+
+
+def run_stage(c: ml_collections.ConfigDict, stage_dir: str) -> None:
+  if os.path.isfile(_done_path(stage_dir)):
+    _say(f"{stage_dir}: finished earlier, skipped")
+    return
+  started = time.time()
+  metrics = train.train_and_evaluate(c, stage_dir)
+  if jax.process_index() == 0:
+    tmp = f"{_done_path(stage_dir)}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump({"seconds": round(time.time() - started, 1), "last_metrics": metrics}, f, indent=2)
+    os.replace(tmp, _done_path(stage_dir))
+
+
+def run_recipe(recipe: ml_collections.ConfigDict, workdir: str) -> None:
+  """scripts/anita.py: the three stages, the merged export in DIR/hf, and DIR/report.{json,md} + plot."""
+  missing = [s for s in STAGES if s not in recipe]
+  if missing:
+    raise UserError(f"--config: a recipe config needs the stages {', '.join(STAGES)}; '{missing[0]}' is missing "
+                    "(give a recipe config without an ARG)")
+  os.makedirs(workdir, exist_ok=True)
+  previous = None
+  for name in STAGES:
+    c = recipe[name]
+    if previous is not None:
+      c.init_from = previous
+    stage_dir = os.path.join(workdir, name)
+    _say(f"== stage {name} -> {stage_dir}")
+    run_stage(c, stage_dir)
+    previous = stage_dir
+  last = recipe[STAGES[-1]]
+  hf_dir = os.path.join(workdir, "hf")
+  if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+    _say(f"== export -> {hf_dir}")
+    W.export_workdir(previous, hf_dir, dtype=last.model.dtype)
+  _say("== report")
+  write_recipe_report(recipe, workdir)
+
+
+def write_recipe_report(recipe: ml_collections.ConfigDict, workdir: str) -> None:
+  """Evaluates the original base and every stage on the held-out data; writes the report files."""
+  data_dir = DEMO_DATA  # the project's held-out Italian text, preference pairs and prompts
+  first = recipe[STAGES[0]]
+  dpo = recipe["dpo"]
+  kwargs = dict(max_length=dpo.data.max_length, max_prompt_length=dpo.data.max_prompt_length)
+  base = report.evaluate_model(W.model_path(first.model.path), data_dir, dtype="float32", quant="none", **kwargs)
+  rows = [report.report_row("base", base, base, beta=dpo.dpo.beta)]
+  for name in STAGES:
+    result = report.evaluate_model(os.path.join(workdir, name), data_dir, **kwargs)
+    rows.append(report.report_row(name, result, base, beta=dpo.dpo.beta))
+  curves = {name: report.read_metrics(os.path.join(workdir, name)) for name in STAGES}
+  if jax.process_index() == 0:
+    report.write_report(workdir, rows, curves, beta=dpo.dpo.beta)

@@ -1,0 +1,20 @@
+"""Print what the trainer consumes, one JSON line per example: input_ids, loss_mask, text (DPO: prompt_ids,
+chosen_ids, rejected_ids, text). python scripts/preview_data.py --config=configs/FILE.py:STAGE [--num_examples=N]"""
+
+from absl import flags
+from ml_collections import config_flags
+
+from anita_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A stage config: configs/FILE.py:ARG.", lock_config=True)
+_NUM = flags.DEFINE_integer("num_examples", 3, "Examples to print (in file order, before shuffling).")
+
+
+def main(argv):
+  del argv
+  from anita_jax import data
+  data.preview_main(cli.stage_config(_CONFIG.value, "--config"), _NUM.value)
+
+
+if __name__ == "__main__":
+  cli.run(main)
