@@ -120,6 +120,8 @@ def export_workdir(workdir: str, out: str, *, merged: bool = True, adapter: bool
     raise UserError(f"--merge_into={merge_into}: expected dequantized or original")
   if not (merged or adapter):
     raise UserError("nothing to export: --merged=false and --adapter=false")
+  if not is_workdir(workdir):
+    raise UserError(f"{workdir}: not a training workdir (no config.json and checkpoints/)")
   chain = stage_chain(workdir)
   stage, state = load_trained(workdir)
   c = stage.config

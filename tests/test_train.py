@@ -121,3 +121,15 @@ def test_bad_settings_fail_before_any_checkpoint(demo_config, tiny_hf_dir, tmp_p
   with pytest.raises(UserError, match=message):
     T.train_and_evaluate(sft_config(demo_config, tiny_hf_dir, **override), str(tmp_path / "w"))
   assert not os.path.isdir(tmp_path / "w" / "checkpoints") or not os.listdir(tmp_path / "w" / "checkpoints")
+
+
+def test_exporting_a_workdir_without_checkpoint_is_an_error(demo_config, tiny_hf_dir, tmp_path):
+  from anita_jax import workdir as W
+  empty = tmp_path / "w"
+  (empty / "checkpoints").mkdir(parents=True)
+  (empty / "config.json").write_text(json.dumps(sft_config(demo_config, tiny_hf_dir).to_dict()))
+  with pytest.raises(UserError, match="no checkpoint to load"):
+    W.export_workdir(str(empty), str(tmp_path / "out"))
+  with pytest.raises(UserError, match="not a training workdir"):
+    W.export_workdir(str(tmp_path), str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")
