@@ -1,0 +1,56 @@
+"""Two processes on localhost (4 CPU devices each, CPU collectives) train exactly like one process with 8."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def train_args(model_dir, workdir, extra=()):
+  return [sys.executable, os.path.join(ROOT, "scripts", "train.py"),
+          f"--config={os.path.join(ROOT, 'configs', 'anita_demo.py')}:sft", f"--workdir={workdir}",
+          f"--config.model.path={model_dir}", "--config.data.eval=", "--config.data.max_length=128",
+          "--config.train.batch_size=8", "--config.train.steps=4", "--config.train.log_every=1",
+          "--config.train.warmup_steps=0", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+          "--config.checkpoint.every=2", *extra]
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line)["loss"] for line in f]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tiny_hf_dir, tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  one = str(tmp_path / "one")
+  single = subprocess.run(train_args(tiny_hf_dir, one), capture_output=True, text=True, timeout=900,
+                          env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert single.returncode == 0, single.stderr[-3000:]
+
+  two = str(tmp_path / "two")
+  port = free_port()
+  procs = [subprocess.Popen(train_args(tiny_hf_dir, two, [f"--coordinator_address=127.0.0.1:{port}",
+                                                          "--num_processes=2", f"--process_id={i}"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+           for i in range(2)]
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  got, expected = losses(two), losses(one)
+  assert len(got) == len(expected) == 4
+  for a, b in zip(got, expected):
+    assert abs(a - b) <= 1e-5 * abs(b), (got, expected)
+  assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == sorted(os.listdir(os.path.join(one, "checkpoints")))
