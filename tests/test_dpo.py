@@ -42,12 +42,7 @@ def dpo_config(demo_config, model_dir, data, **overrides):
   c.train.batch_size, c.train.steps, c.train.log_every = 8, 3, 1
   c.train.warmup_ratio, c.train.warmup_steps, c.train.lr = 0.0, 0, 1e-3
   c.checkpoint.every = 1000
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

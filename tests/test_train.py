@@ -25,12 +25,7 @@ def sft_config(demo_config, model_dir, **overrides):
   c.train.warmup_steps = 0
   c.lora.rank, c.lora.alpha = 8, 16.0
   c.checkpoint.every = 1000
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 
