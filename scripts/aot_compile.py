@@ -1,0 +1,39 @@
+"""Compile a stage's training step for a TPU topology on a CPU-only host, and report memory and speed.
+
+python scripts/aot_compile.py --config=configs/FILE.py[:ARG] --topology=v5e:2x4 [--output=FILE.json]
+
+Needs libtpu (pinned in requirements.txt) but no TPU: the devices are libtpu's
+compile-only ones. JAX itself runs on the CPU (JAX_PLATFORMS=cpu, the default here).
+"""
+
+import json
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before JAX is imported: this host's devices stay out of it
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from anita_jax import cli  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A stage config: configs/FILE.py:ARG.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology CHIP:AxB[xC], CHIP one of v4, v5e, v5p, v6e "
+                                "(e.g. v5e:1x1, v5e:2x4, v4:2x2x1, v5p:2x2x1).", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Also write the report to this JSON file (atomically).")
+_CROSS_CHECK = flags.DEFINE_bool("cross_check", True, "Also compile 1- and 2-layer steps to count FLOPs and bytes "
+                                 "(loop bodies are counted once by the compiler); without it FLOPs are analytic "
+                                 "and the step time ignores memory traffic.")
+
+
+def main(argv):
+  del argv
+  from anita_jax import aot
+  report = aot.compile_report(cli.stage_config(_CONFIG.value, "--config"), _TOPOLOGY.value,
+                              cross_check=_CROSS_CHECK.value)
+  print(json.dumps(report, indent=2, sort_keys=True))
+  if _OUTPUT.value:
+    aot.write_json(_OUTPUT.value, report)
+
+
+if __name__ == "__main__":
+  cli.run(main)
