@@ -11,6 +11,22 @@ from absl import app, flags, logging
 from anita_jax.errors import UserError
 
 
+def _prefer_cpu_without_accelerators() -> None:
+  """On a host without TPU or GPU devices, use the CPU backend directly: with libtpu installed (it is,
+  for ahead-of-time compilation) JAX would otherwise try to start a TPU runtime and print errors first."""
+  import glob
+  if os.environ.get("JAX_PLATFORMS"):
+    return
+  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/*") or glob.glob("/dev/nvidia*"):
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  if "jax" in sys.modules:
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
+_prefer_cpu_without_accelerators()
+
+
 def _quiet() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
