@@ -122,3 +122,23 @@ def test_trainable_mask_selects_groups():
 def test_bad_lora_settings_name_the_field(kwargs, field):
   with pytest.raises(UserError, match=field):
     lora.make_spec(**kwargs)
+
+
+def test_peft_adapter_directory_is_a_model_path(tiny_hf_dir, tmp_path):
+  import transformers
+
+  from anita_jax import loading
+  base = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
+  model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
+                                                    task_type="CAUSAL_LM"))
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_" in name:
+        p.normal_(0.0, 0.1)
+  model.save_pretrained(str(tmp_path))  # adapter_config.json names tiny_hf_dir as the base
+  tokens = np.random.RandomState(5).randint(0, 49152, (2, 12))
+  with torch.no_grad():
+    expected = model.eval()(torch.tensor(tokens)).logits.numpy()
+  net, params, _, _ = loading.load_model(str(tmp_path))
+  ours, _ = net.apply({"params": params}, jnp.asarray(tokens))
+  assert rel_err(ours, expected) <= 1e-5
