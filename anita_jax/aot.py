@@ -372,8 +372,11 @@ def _progress(message: str) -> None:
 
 
 def _oom(error: Exception) -> str | None:
+  """The compiler's out-of-memory message (HBM, or on-chip VMEM for an oversized op), else None."""
   text = str(error)
-  return text.splitlines()[0][:500] if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text else None
+  if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+    return None
+  return " ".join(line.strip() for line in text.splitlines()[:2])[:500]
 
 
 def compile_report(c: ml_collections.ConfigDict, topology: str, *, cross_check: bool = True) -> dict:

@@ -13,6 +13,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from anita_jax.errors import UserError
+
 
 class Checkpoints:
 
@@ -27,9 +29,13 @@ class Checkpoints:
     return self._manager.latest_step()
 
   def save(self, step: int, state, data_state: dict, *, force: bool = False) -> None:
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     data=ocp.args.JsonSave(data_state)), force=force)
-    self._manager.wait_until_finished()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       data=ocp.args.JsonSave(data_state)), force=force)
+      self._manager.wait_until_finished()
+    except OSError as e:  # a full disk, a quota, a lost mount: the earlier checkpoints are untouched
+      raise UserError(f"{self.directory}: saving the checkpoint of step {step} failed "
+                      f"({e.strerror or e}); the checkpoints before it are intact") from e
 
   def restore(self, step: int, like) -> tuple[object, dict]:
     """(state laid out and sharded like `like`, data state) of checkpoint `step`."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from anita_jax.errors import UserError
+from anita_jax.errors import Preempted, UserError
 
 
 def _prefer_cpu_without_accelerators() -> None:
@@ -77,9 +78,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     _fail(str(e).splitlines()[0])
   except (AttributeError, KeyError) as e:  # ml_collections: --config.FIELD names no field of the config
-    field = str(e).strip("\"'").split("'")[0]
-    bad = next((a.split("=")[0] for a in argv if a.startswith("--config.") and field in a), "--config.FIELD")
-    _fail(f"{bad}: unknown config field '{field}'")
+    text = str(e)
+    words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)
+    field = words[0] if words else "?"
+    bad = next((a.split("=")[0] for a in argv if a.startswith("--config.") and f".{field}." in a.split("=")[0] + "."),
+               "--config.FIELD")
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    _fail(f"{bad}: unknown config field '{field}'" + (f" (did you mean '{hint.group(1)}'?)" if hint else ""))
   raise AssertionError("unreachable")
 
 
@@ -99,6 +104,9 @@ def run(main: Callable[[list[str]], None]) -> None:
       if logging.get_verbosity() >= 1:
         raise
       _fail(str(e))
+    except Preempted as e:  # saved at a step boundary: a clean exit, the scheduler restarts the job
+      print(str(e), file=sys.stderr, flush=True)
+      sys.exit(0)
     except KeyboardInterrupt:
       _fail("interrupted")
 

@@ -8,3 +8,7 @@ class UserError(Exception):
   the field, tensor or flag. Scripts print it as one `error:` line on stderr
   and exit non-zero (see `anita_jax.cli`).
   """
+
+
+class Preempted(Exception):
+  """Training saved a checkpoint at a step boundary after SIGTERM and stopped; scripts exit 0."""

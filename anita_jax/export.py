@@ -65,6 +65,21 @@ def _remove(path: str) -> None:
     os.remove(path)
 
 
+def _remove_stale(out_dir: str) -> None:
+  """Deletes `out_dir.tmp-PID` / `out_dir.old-PID` left by killed exports (PID no longer running)."""
+  parent, name = os.path.split(out_dir)
+  for entry in os.listdir(parent) if os.path.isdir(parent) else ():
+    prefix, _, pid = entry.rpartition("-")
+    if prefix not in (f"{name}.tmp", f"{name}.old") or not pid.isdigit():
+      continue
+    try:
+      os.kill(int(pid), 0)
+    except ProcessLookupError:
+      _remove(os.path.join(parent, entry))
+    except PermissionError:  # alive, another user's
+      pass
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str) -> Iterator[str]:
   """Yields a fresh temporary directory that replaces `out_dir` when the block succeeds.
@@ -78,8 +93,9 @@ def atomic_dir(out_dir: str) -> Iterator[str]:
     raise UserError(f"{out_dir}: exists and is not a directory")
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
+  _remove_stale(out_dir)
   tmp = f"{out_dir}.tmp-{os.getpid()}"
-  _remove(tmp)  # a leftover of a killed run that had our pid
+  _remove(tmp)
   os.makedirs(tmp)
   try:
     yield tmp

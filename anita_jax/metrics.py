@@ -17,6 +17,17 @@ def _duration(seconds: float) -> str:
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _drop_cut_last_line(path: str) -> None:
+  """A run killed while writing a row leaves a line without its newline: cut it before appending."""
+  try:
+    with open(path, "rb+") as f:
+      data = f.read()
+      if data and not data.endswith(b"\n"):
+        f.truncate(data.rfind(b"\n") + 1)
+  except FileNotFoundError:
+    pass
+
+
 class MetricsWriter:
   """Appends one JSON object per logged step; only process 0 writes."""
 
@@ -28,7 +39,9 @@ class MetricsWriter:
     if not self.enabled:
       return
     from tensorboardX import SummaryWriter
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(workdir, "metrics.jsonl")
+    _drop_cut_last_line(path)
+    self._jsonl = open(path, "a", encoding="utf-8")
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:

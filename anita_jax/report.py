@@ -231,9 +231,11 @@ def summarize_curve(rows: Sequence[dict]) -> dict:
   out: dict = {"logged_points": len(rows)}
   if not rows:
     return out
-  losses_ = [_number(r.get("loss")) for r in rows]
+  trained = [r for r in rows if "loss" in r]  # a step-0 row (train.eval_on_start) holds only eval metrics
+  losses_ = [_number(r["loss"]) for r in trained]
   finite = [x for x in losses_ if x is not None]
-  out.update(first_step=rows[0]["step"], last_step=rows[-1]["step"], first_loss=losses_[0], last_loss=losses_[-1],
+  out.update(first_step=rows[0]["step"], last_step=rows[-1]["step"],
+             first_loss=losses_[0] if losses_ else None, last_loss=losses_[-1] if losses_ else None,
              min_loss=min(finite) if finite else None)
   evals = [r for r in rows if "eval_loss" in r]
   if evals:
@@ -395,7 +397,7 @@ def render_markdown(rows: Sequence[dict], summaries: dict[str, dict], beta: floa
         lines.append("> *(no answer)*" if answer is None else "> *(empty)*")
   if summaries:
     lines += ["", "## Training curves", "", "![training curves](training_curves.png)", "",
-              "| stage | logged steps | loss, first -> last | last eval loss | last reward accuracy (train / eval) |",
+              "| stage | logged steps | loss, first -> last | eval loss, first -> last | last reward accuracy (train / eval) |",
               "|---|---:|---:|---:|---:|"]
     for stage, s in summaries.items():
       acc = ""
@@ -404,7 +406,8 @@ def render_markdown(rows: Sequence[dict], summaries: dict[str, dict], beta: floa
                f"{_fmt(s.get('last_eval_rewards/accuracies'), '.3f')}")
       steps = f"{s['logged_points']} (to step {s['last_step']})" if s["logged_points"] else "0"
       lines.append(f"| {_cell(stage)} | {steps} | {_fmt(s.get('first_loss'), '.4f')} -> "
-                   f"{_fmt(s.get('last_loss'), '.4f')} | {_fmt(s.get('last_eval_loss'), '.4f')} | {acc or 'n/a'} |")
+                   f"{_fmt(s.get('last_loss'), '.4f')} | {_fmt(s.get('first_eval_loss'), '.4f')} -> "
+                   f"{_fmt(s.get('last_eval_loss'), '.4f')} | {acc or 'n/a'} |")
   d = definitions(beta)
   lines += ["", "## How the numbers are defined", "",
             f"- **held-out Italian perplexity**: {d['perplexity']}",

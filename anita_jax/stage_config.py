@@ -70,6 +70,7 @@ def stage_config(stage: str = "sft") -> ml_collections.ConfigDict:
   c.train.seed = 0
   c.train.log_every = 10
   c.train.eval_every = 0  # 0: only at the end
+  c.train.eval_on_start = False  # also evaluate the untrained model (logged as step 0), as HF's eval_on_start
   c.train.trainable = "lora"  # comma list of: lora, embed_tokens, lm_head, norms
   c.train.on_nonfinite = "stop"  # stop | skip
 

@@ -17,7 +17,9 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from anita_jax import checkpoint as ckpt
 from anita_jax import data as D
@@ -37,7 +40,7 @@ from anita_jax import quant as Q
 from anita_jax import sharding as S
 from anita_jax import stage_config
 from anita_jax import workdir as W
-from anita_jax.errors import UserError
+from anita_jax.errors import Preempted, UserError
 from anita_jax.metrics import MetricsWriter
 from anita_jax.model import Llama
 
@@ -139,10 +142,11 @@ def train_step(model, tx, spec: StepSpec, state, frozen, batches, rng):
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
+  # A non-finite loss or gradient never reaches the state: the old state is kept, decided on device
+  # (no host sync). The loop then stops at its next sync (train.on_nonfinite=stop) or goes on (skip).
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-  if spec.on_nonfinite == "skip":  # keep the old state; decided on device, no host sync
-    params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), params, state["params"])
-    opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), opt_state, state["opt_state"])
+  params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), params, state["params"])
+  opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), opt_state, state["opt_state"])
   new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
   return new_state, {**metrics, "grad_norm": grad_norm, "finite": finite}
 
@@ -407,10 +411,39 @@ def _next_batch(it, ref):
   return batch
 
 
+class _Preemption:
+  """SIGTERM (what Cloud TPU sends before preempting a VM) asks for a checkpoint at the next step boundary.
+
+  One process: a Python signal handler sets a flag. Several processes: JAX's preemption sync point,
+  which agrees on one step across all hosts (jax.distributed starts its preemption service).
+  """
+
+  def __init__(self):
+    self._signalled = False
+    self._previous = None
+    self._multi = jax.process_count() > 1
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._signalled = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._signalled
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None) -> dict:
   """Runs (or resumes) one stage in `workdir`; returns the last logged metrics.
 
   stop_after: end (with a checkpoint) once this step is reached, as a preemption would.
+  Raises Preempted after saving, when SIGTERM arrived during the run.
   """
   stage_config.validate(c)
   _check_resume(c, workdir)
@@ -453,6 +486,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, stop_after: i
   rng = jax.random.key(c.train.seed + 1)
   last: dict = {}
   step = int(state["step"])
+  if step == 0 and eval_iter is not None and c.train.eval_on_start:
+    writer.write(0, evaluate(stage, state["params"], eval_iter, eval_fn))
+  # Non-finite steps since the last sync, counted on device: no host sync per step.
+  skipped, first_bad = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+  skipped_total = 0
+  preemption = _Preemption()
   started, tokens = time.time(), 0.0
   try:
     while step < total:
@@ -460,29 +499,47 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, stop_after: i
       batch = {k: S.place_local(v, data_sharding[k]) for k, v in local.items()}
       state, metrics = step_fn(state, stage.frozen, batch, rng)
       step += 1
+      bad = jnp.logical_not(metrics.pop("finite"))
+      first_bad = jnp.where(bad & (skipped == 0), step, first_bad)
+      skipped = skipped + bad.astype(jnp.int32)
       tokens += float(np.sum(local["segment_ids"] != 0)) * processes
       is_last = step == total
-      if step % c.train.log_every == 0 or is_last or step == 1:
+      preempted = preemption.reached(step)
+      stopping = preempted or (stop_after is not None and step >= stop_after)
+      saving = step % c.checkpoint.every == 0 or is_last or stopping
+      logging_ = step % c.train.log_every == 0 or is_last or step == 1
+      if saving or logging_:  # the host syncs here anyway
+        n, where = int(skipped), int(first_bad)
+        skipped, first_bad = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+        if n and c.train.on_nonfinite == "stop":
+          raise UserError(f"step {where}: the loss or gradient is not finite; training stopped and the last good "
+                          "checkpoint is kept; lower train.lr or set train.on_nonfinite=skip")
+        if n:
+          skipped_total += n
+          print(f"step {step}: skipped {n} step(s) with a non-finite loss or gradient (first: step {where}; "
+                f"{skipped_total} in this run)", file=sys.stderr, flush=True)
+      if logging_:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not metrics.pop("finite") and c.train.on_nonfinite == "stop":
-          raise UserError(f"step {step}: the loss or gradient is not finite (loss={metrics['loss']}, grad_norm="
-                          f"{metrics['grad_norm']}); the last good checkpoint is kept; lower train.lr or set "
-                          "train.on_nonfinite=skip")
         metrics.pop("tokens", None)
         elapsed = time.time() - started
         last = {**metrics, "learning_rate": float(schedule(step - 1)), "tokens_per_second": tokens / elapsed}
+        if skipped_total:
+          last["skipped_steps"] = float(skipped_total)
         started, tokens = time.time(), 0.0
         if eval_iter is not None and (is_last or (c.train.eval_every and step % c.train.eval_every == 0)):
           last.update(evaluate(stage, state["params"], eval_iter, eval_fn))
         writer.write(step, last)
         writer.progress(step, last)
-      stopping = stop_after is not None and step >= stop_after
-      if step % c.checkpoint.every == 0 or is_last or stopping:
+      if saving:
         epoch, batch_index = train_iter.state()
         checkpoints.save(step, state, {"epoch": epoch, "index": batch_index}, force=True)
+      if preempted:
+        raise Preempted(f"{workdir}: SIGTERM received; saved the checkpoint of step {step}; re-run the same "
+                        "command to resume")
       if stopping:
         break
   finally:
+    preemption.close()
     writer.close()
     checkpoints.close()
   return last

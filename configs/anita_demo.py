@@ -23,6 +23,7 @@ def stage(name: str) -> ml_collections.ConfigDict:
   c.model.path = "embedded"
   c.quant.type = "nf4"
   c.train.log_every = 5
+  c.train.eval_on_start = True  # the held-out loss before training, to show what each stage changes
   c.checkpoint.every = 20
   c.checkpoint.keep = 2
   c.train.batch_size = 4
