@@ -74,7 +74,7 @@ def load_tokenizer(path: str):
     if os.path.isfile(local):
       directory, name = os.path.split(os.path.abspath(local))
       return transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    return transformers.AutoTokenizer.from_pretrained(local)
+    return transformers.AutoTokenizer.from_pretrained(local, trust_remote_code=False)  # never run checkpoint code
   except (OSError, ValueError, KeyError) as e:
     raise UserError(f"{local}: cannot load a tokenizer ({str(e).splitlines()[0][:200]})") from None
 

@@ -433,6 +433,13 @@ def test_malformed_jsonl_line(tmp_path):
   assert error(data.load_rows, path).startswith(f"{path}:2: malformed JSON")
 
 
+def test_malformed_json_file_and_empty_text(tmp_path):
+  path = write(tmp_path / "bad.json", '[{"text": "a"}, {"text": ')
+  assert error(data.load_rows, path).startswith(f"{path}:1: malformed JSON")
+  path = write(tmp_path / "empty.jsonl", jsonl([{"text": "ok"}, {"text": ""}]))
+  assert error(data.load_rows, path).startswith(f"{path}:2: field 'text' is empty")
+
+
 def test_invalid_utf8(tmp_path):
   path = write(tmp_path / "bad.jsonl", jsonl([GOOD, GOOD]).encode() + b'{"text": "\xff"}\n')
   assert error(data.load_rows, path).startswith(f"{path}:3: not valid UTF-8")

@@ -303,3 +303,35 @@ def test_unknown_config_fields_and_wrong_types_are_one_error_line(tmp_path, flag
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+# ----------------------------------------------------------------------------------------------
+# Safety
+
+
+def test_tokenizer_code_in_a_checkpoint_is_never_run(tiny_hf_dir, tmp_path):
+  from anita_jax import loading
+  model_dir = tmp_path / "model"
+  shutil.copytree(tiny_hf_dir, model_dir)
+  config = json.loads((model_dir / "tokenizer_config.json").read_text())
+  config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+  (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+  marker = tmp_path / "code_ran"
+  (model_dir / "tokenization_evil.py").write_text(
+      f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+  tokenizer = loading.load_tokenizer(str(model_dir))
+  assert len(tokenizer) == 49152 and not marker.exists()
+
+
+def test_training_writes_only_inside_its_workdir(demo_config, tiny_hf_dir, tmp_path, monkeypatch):
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "rows.jsonl").write_text("".join(
+      json.dumps({"messages": [{"role": "user", "content": f"../../{i}"},
+                               {"role": "assistant", "content": f"/etc/passwd {i}"}]}) + "\n" for i in range(8)))
+  monkeypatch.chdir(tmp_path)
+  before = {p for p in tmp_path.rglob("*")}
+  c = small_sft(demo_config, tiny_hf_dir, **{"data.train": str(data / "rows.jsonl")})
+  T.train_and_evaluate(c, str(tmp_path / "w"))
+  created = {p for p in tmp_path.rglob("*")} - before
+  assert created and all(p.is_relative_to(tmp_path / "w") for p in created), sorted(created)[:5]
