@@ -1,11 +1,15 @@
-"""SFT step throughput: anita-jax vs TRL SFTTrainer + PEFT, same model, rows and dtype, same run.
+"""Training step speed: anita-jax vs TRL + PEFT, same model, rows and dtype, in the same run.
 
-python scripts/bench_train.py [--dtypes=float32,bfloat16] [--quants=none,nf4] [--steps=4]
-SmolLM2-135M-Instruct, LoRA r=16 on all seven projections, 8 sequences of 256 tokens.
+python scripts/bench_train.py [--stage=sft|dpo] [--dtypes=float32,bfloat16] [--quants=none,nf4] [--steps=4]
+SmolLM2-135M-Instruct, LoRA r=16 on all seven projections.
+  sft: 8 sequences of 256 tokens, against TRL SFTTrainer + PEFT.
+  dpo: 4 pairs of 64 prompt + 192 completion tokens, against TRL DPOTrainer + PEFT (both: the reference is the
+       same model with the adapters disabled; TRL without gradient checkpointing, as ours).
 MFU = model FLOPs / step time / peak, peak = a 2048^3 JAX matmul measured here in the same dtype.
 Model FLOPs of a LoRA step (no rematerialisation): 4 * N_frozen * tokens (forward, and the backward through
 activations only) + 6 * N_lora * tokens (LoRA forward, input and weight gradients) + attention
-4 * 2 * layers * T * d_attn * tokens (QK^T and AV, forward and backward, full square).
+4 * 2 * layers * T * d_attn * tokens (QK^T and AV, forward and backward, full square); dpo adds the reference
+forward, 2 * N_frozen * tokens + 2 * layers * T * d_attn * tokens.
 """
 
 import json
@@ -18,8 +22,10 @@ from anita_jax import cli
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to measure.")
 _QUANTS = flags.DEFINE_list("quants", ["none", "nf4"], "Frozen weight formats for anita-jax.")
 _STEPS = flags.DEFINE_integer("steps", 4, "Timed steps (after one warm-up step).")
-_TRL = flags.DEFINE_bool("trl", True, "Also time TRL SFTTrainer + PEFT.")
-B, T, RANK = 8, 256, 16
+_TRL = flags.DEFINE_bool("trl", True, "Also time TRL (SFTTrainer or DPOTrainer) + PEFT.")
+_STAGE = flags.DEFINE_enum("stage", "sft", ["sft", "dpo"], "The step to time.")
+B, T, RANK = 8, 256, 16  # sft: 8 rows; dpo: 4 pairs = 8 rows
+PROMPT = 64  # dpo: prompt tokens of each row; the completion fills the rest of T
 
 
 def peak_flops(dtype) -> float:
@@ -40,7 +46,40 @@ def model_flops(config) -> float:
   frozen = config.num_layers * sum(i * o for i, o in dims) + config.vocab_size * config.hidden_size
   adapters = config.num_layers * sum(RANK * (i + o) for i, o in dims)
   attention = 4 * 2 * config.num_layers * T * config.num_heads * config.head_dim
-  return (4 * frozen + 6 * adapters + attention) * B * T
+  flops = (4 * frozen + 6 * adapters + attention) * B * T
+  if _STAGE.value == "dpo":  # the reference forward
+    flops += (2 * frozen + attention // 4) * B * T
+  return flops
+
+
+def dpo_rows(tokenizer, seed: int = 0):
+  """Texts of 4 pairs whose tokens are exactly PROMPT + (T - PROMPT - 1) + EOS, and their ids."""
+  import numpy as np
+  words = sorted(w[1:] for w in tokenizer.get_vocab() if w.startswith("Ġ") and w[1:].isalpha() and w[1:].islower()
+                 and 3 <= len(w) <= 7)[:4000]
+  single = tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"]
+  words = [w for w, ids in zip(words, single) if len(ids) == 1]
+  rng = np.random.RandomState(seed)
+  text = lambda n: "".join(" " + words[i] for i in rng.randint(0, len(words), n))
+  rows = [{"prompt": text(PROMPT), "chosen": text(T - PROMPT - 1), "rejected": text(T - PROMPT - 1)}
+          for _ in range(B // 2)]
+  for row in rows:
+    for key in ("prompt", "chosen", "rejected"):
+      n = len(tokenizer(row[key], add_special_tokens=False)["input_ids"])
+      assert n == (PROMPT if key == "prompt" else T - PROMPT - 1), (key, n)
+  return rows
+
+
+def dpo_batch(tokenizer):
+  """Our [1, 8, T] batch of the same rows: chosen rows, then rejected rows; loss on the completions."""
+  import numpy as np
+  rows = dpo_rows(tokenizer)
+  seqs = [tokenizer(r["prompt"] + r[k], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+          for k in ("chosen", "rejected") for r in rows]
+  ids = np.array([seqs], np.int32)
+  mask = np.zeros_like(ids)
+  mask[..., PROMPT:] = 1
+  return ids, mask
 
 
 def time_ours(dtype: str, quant: str, steps: int):
@@ -48,16 +87,20 @@ def time_ours(dtype: str, quant: str, steps: int):
   import numpy as np
 
   from anita_jax import sharding, stage_config, train
-  c = stage_config.stage_config("sft")
+  c = stage_config.stage_config(_STAGE.value)
   c.model.dtype, c.quant.type = dtype, quant
   c.lora.rank, c.lora.alpha = RANK, 32.0
-  c.train.batch_size = B
+  c.train.batch_size = B if _STAGE.value == "sft" else B // 2
   c.mesh.data = 1
   stage = train.build_stage(c)
   tx, _ = train.make_optimizer(c, 100)
   step = train.compile_step(stage, tx, sharding.batch_sharding(stage.mesh, 3, leading=1))
-  ids = np.random.RandomState(0).randint(100, stage.model_config.vocab_size, (1, B, T)).astype(np.int32)
-  batch = {"input_ids": ids, "loss_mask": np.ones_like(ids), "segment_ids": np.ones_like(ids),
+  if _STAGE.value == "dpo":
+    ids, mask = dpo_batch(stage.tokenizer)
+  else:
+    ids = np.random.RandomState(0).randint(100, stage.model_config.vocab_size, (1, B, T)).astype(np.int32)
+    mask = np.ones_like(ids)
+  batch = {"input_ids": ids, "loss_mask": mask, "segment_ids": np.ones_like(ids),
            "positions": np.broadcast_to(np.arange(T, dtype=np.int32), ids.shape).copy()}
   state, rng = stage.state, jax.random.key(0)
   state, m = step(state, stage.frozen, batch, rng)
@@ -84,20 +127,31 @@ def time_trl(dtype: str, steps: int) -> float:
   torch_dtype = getattr(torch, dtype)
   model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                             dtype=torch_dtype)
-  ids = np.random.RandomState(0).randint(100, model.config.vocab_size, (B, T)).tolist()
-  data = datasets.Dataset.from_dict({"input_ids": ids})
   times = []
 
   class Timer(transformers.TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
       times.append(time.perf_counter())
 
-  args = trl.SFTConfig(output_dir="/tmp/bench_trl", per_device_train_batch_size=B, max_steps=steps + 1,
-                       logging_steps=1000, report_to=[], use_cpu=True, bf16=dtype == "bfloat16", max_length=T,
-                       save_strategy="no", packing=False, dataloader_drop_last=True)
   config = peft.LoraConfig(r=RANK, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                   "gate_proj", "up_proj", "down_proj"],
                            task_type="CAUSAL_LM")
+  if _STAGE.value == "dpo":
+    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    data = datasets.Dataset.from_list(dpo_rows(tokenizer) * (steps + 1))
+    args = trl.DPOConfig(output_dir="/tmp/bench_trl", per_device_train_batch_size=B // 2, max_steps=steps + 1,
+                         logging_steps=1000, report_to=[], use_cpu=True, bf16=dtype == "bfloat16", max_length=T,
+                         save_strategy="no", dataloader_drop_last=True, gradient_checkpointing=False)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                             peft_config=config, callbacks=[Timer()])
+    trainer.train()
+    times.append(time.perf_counter())
+    return (times[-1] - times[1]) / steps
+  ids = np.random.RandomState(0).randint(100, model.config.vocab_size, (B, T)).tolist()
+  data = datasets.Dataset.from_dict({"input_ids": ids})
+  args = trl.SFTConfig(output_dir="/tmp/bench_trl", per_device_train_batch_size=B, max_steps=steps + 1,
+                       logging_steps=1000, report_to=[], use_cpu=True, bf16=dtype == "bfloat16", max_length=T,
+                       save_strategy="no", packing=False, dataloader_drop_last=True)
   data = datasets.concatenate_datasets([data] * (steps + 1))
   trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, peft_config=config, callbacks=[Timer()])
   trainer.train()
@@ -115,7 +169,9 @@ def main(argv):
     for quant in _QUANTS.value:
       seconds, config = time_ours(dtype, quant, _STEPS.value)
       flops = model_flops(config)
-      rows.append({"dtype": dtype, "quant": quant, "anita_jax_tokens_per_s": round(B * T / seconds, 1),
+      rows.append({"stage": _STAGE.value, "dtype": dtype, "quant": quant, "anita_jax_step_s": round(seconds, 2),
+                   "trl_peft_step_s": None if trl_s is None else round(trl_s, 2),
+                   "anita_jax_tokens_per_s": round(B * T / seconds, 1),
                    "anita_jax_mfu": round(flops / seconds / peak, 3),
                    "trl_peft_tokens_per_s": None if trl_s is None else round(B * T / trl_s, 1),
                    "speedup_vs_trl": None if trl_s is None else round(trl_s / seconds, 2),
