@@ -37,6 +37,7 @@ def pairs_file(tmp_path_factory):
 def dpo_config(demo_config, model_dir, data, **overrides):
   c = demo_config("dpo")
   c.model.path = model_dir
+  c.quant.type = "nf4"
   c.data.train, c.data.eval = data, ""
   c.data.max_length, c.data.max_prompt_length = 128, None
   c.train.batch_size, c.train.steps, c.train.log_every = 8, 3, 1
