@@ -125,8 +125,15 @@ def time_trl(dtype: str, steps: int) -> float:
   from anita_jax import loading
   path = loading.embedded_default_path()
   torch_dtype = getattr(torch, dtype)
-  model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                            dtype=torch_dtype)
+  gguf_model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
+                                                                 gguf_file=os.path.basename(path), dtype=torch_dtype)
+  # A GGUF-loaded model is flagged as quantized and refused by the trainers: copy it into a plain one.
+  config = gguf_model.config
+  if hasattr(config, "quantization_config"):
+    del config.quantization_config
+  model = transformers.LlamaForCausalLM(config).to(torch_dtype)
+  model.load_state_dict(gguf_model.state_dict())
+  del gguf_model
   times = []
 
   class Timer(transformers.TrainerCallback):
@@ -136,8 +143,8 @@ def time_trl(dtype: str, steps: int) -> float:
   config = peft.LoraConfig(r=RANK, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                   "gate_proj", "up_proj", "down_proj"],
                            task_type="CAUSAL_LM")
+  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
   if _STAGE.value == "dpo":
-    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     data = datasets.Dataset.from_list(dpo_rows(tokenizer) * (steps + 1))
     args = trl.DPOConfig(output_dir="/tmp/bench_trl", per_device_train_batch_size=B // 2, max_steps=steps + 1,
                          logging_steps=1000, report_to=[], use_cpu=True, bf16=dtype == "bfloat16", max_length=T,
@@ -153,7 +160,8 @@ def time_trl(dtype: str, steps: int) -> float:
                        logging_steps=1000, report_to=[], use_cpu=True, bf16=dtype == "bfloat16", max_length=T,
                        save_strategy="no", packing=False, dataloader_drop_last=True)
   data = datasets.concatenate_datasets([data] * (steps + 1))
-  trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, peft_config=config, callbacks=[Timer()])
+  trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=config,
+                           callbacks=[Timer()])
   trainer.train()
   times.append(time.perf_counter())
   return (times[-1] - times[1]) / steps  # the first step warms up
