@@ -40,7 +40,7 @@ def stage(name: str) -> ml_collections.ConfigDict:
     c.data.packing = True
     c.data.truncation = "drop"
     c.lora.rank, c.lora.alpha = 16, 32.0
-    c.train.steps = 30
+    c.train.steps = 26
     c.train.lr = 5e-4
     c.train.warmup_steps = 4
   elif name == "dpo":
@@ -49,7 +49,7 @@ def stage(name: str) -> ml_collections.ConfigDict:
     c.data.max_length = 96  # 97% of the pairs fit whole (median 65 tokens)
     c.data.max_prompt_length = 64
     c.lora.rank, c.lora.alpha, c.lora.rslora = 16, 16.0, True
-    c.train.steps = 32
+    c.train.steps = 24
     c.train.lr = 2e-4
     c.train.warmup_ratio = 0.1
     c.train.weight_decay = 0.0
