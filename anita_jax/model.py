@@ -24,6 +24,7 @@ reference costs no second copy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -164,8 +165,43 @@ class Linear(nn.Module):
     if not self.adapters_enabled:
       return y
     x_in = nn.Dropout(self.lora.dropout)(x, deterministic=self.deterministic or self.lora.dropout == 0)
-    delta = jnp.dot(jnp.dot(x_in.astype(self.dtype), a.astype(self.dtype)), b.astype(self.dtype))
-    return y + (self.lora.scale * delta).astype(y.dtype)
+    delta = lora_delta(x_in.astype(self.dtype), a.astype(self.dtype), b.astype(self.dtype), self.lora.scale)
+    return y + delta.astype(y.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lora_delta(x, a, b, scale: float):
+  """scale * (x A) B over x [..., in], A [in, R], B [R, out].
+
+  The backward pass is written out so that each weight gradient contracts the
+  tokens in canonical form, [R, tokens] @ [tokens, features], transposing only
+  the thin [tokens, R] factor. Left to autodiff, XLA:CPU transposes the wide
+  [tokens, features] cotangent instead: a strided copy per projection per layer
+  that took a quarter of a SmolLM2 step.
+  """
+  return scale * jnp.dot(jnp.dot(x, a), b)
+
+
+def _lora_delta_fwd(x, a, b, scale):
+  xa = jnp.dot(x, a)
+  return scale * jnp.dot(xa, b), (x, xa, a, b)
+
+
+def _lora_delta_bwd(scale, residuals, dy):
+  x, xa, a, b = residuals
+  lead = x.shape[:-1]
+  x2, xa2 = x.reshape(-1, x.shape[-1]), xa.reshape(-1, xa.shape[-1])
+  dy2 = (scale * dy).reshape(-1, dy.shape[-1])
+  dxa = jnp.dot(dy2, b.T)  # [tokens, R]
+  # The barrier keeps XLA from folding the thin transposes back into the dots' dimension numbers.
+  xa_t, dxa_t = jax.lax.optimization_barrier((xa2.T, dxa.T))
+  db = jnp.dot(xa_t, dy2)  # [R, out]
+  da = jnp.dot(dxa_t, x2).T  # [in, R]
+  dx = jnp.dot(dxa, a.T).reshape(*lead, x.shape[-1])
+  return dx, da, db
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 class _Block(nn.Module):
@@ -257,13 +293,15 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, *, cache=None,
-               cache_offset=None, kv_segment_ids_bs=None):
+               cache_offset=None, kv_segment_ids_bs=None, logits: bool = True):
     """Returns (logits [B, T, V], cache).
 
     tokens_bt: int [B, T]. positions_bt: rotary positions (default 0..T-1).
     segment_ids_bt: packing ids, 0 = padding (default all 1).
     cache: {"k", "v"} [L, B, S, K, H] from `init_cache`, updated at `cache_offset`
       (a scalar); `kv_segment_ids_bs` [B, S] are then the segment ids of the cache slots.
+    logits: False returns the final normed hidden states [B, T, D] instead of the
+      logits, for a loss that applies the head itself (`losses.head_token_stats`).
     """
     c = self.config
     b, t = tokens_bt.shape
@@ -301,6 +339,8 @@ class Llama(nn.Module):
       new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
     x_btd = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x_btd)
+    if not logits:
+      return x_btd, new_cache
     if c.tie_word_embeddings:
       logits = jnp.dot(x_btd, embedding.astype(self.dtype).T)
     else:

@@ -51,7 +51,7 @@ class StepSpec:
 
   stage: str
   grad_accum: int
-  on_nonfinite: str
+  head_chunk: int = 16  # positions per chunk of the fused head and log-softmax (`losses.head_token_stats`)
   beta: float = 0.1
   loss_type: str = "sigmoid"
   label_smoothing: float = 0.0
@@ -76,33 +76,51 @@ def make_optimizer(c: ml_collections.ConfigDict, total_steps: int):
   return tx, schedule
 
 
-def _forward(model, trainable, frozen, batch, rng, spec: StepSpec, **model_kwargs):
+def _forward(model, trainable, frozen, batch, rng, spec: StepSpec, logits: bool = True, **model_kwargs):
   params = LA.combine(trainable, frozen)
   rngs = {"dropout": rng} if spec.has_dropout else {}
-  logits, _ = model.clone(**model_kwargs).apply(
-      {"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"], rngs=rngs)
-  return logits
+  out, _ = model.clone(**model_kwargs).apply(
+      {"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"], rngs=rngs, logits=logits)
+  return out
+
+
+def _token_stats(model, trainable, frozen, batch, rng, spec: StepSpec, **model_kwargs):
+  """`losses.token_stats` of the model on `batch`: token log-probs and mean logits [B, T].
+
+  With a frozen head (the LoRA stages) the head and the log-softmax run fused,
+  a few positions at a time: the [B, T, V] logits are never materialised.
+  """
+  head = frozen.get("lm_head", {}).get("kernel")
+  vocab_major = head is None and model.config.tie_word_embeddings
+  if vocab_major:
+    head = frozen.get("embed_tokens", {}).get("embedding")
+  if head is None:  # a trained head: its gradient needs the plain logits
+    return losses.token_stats(_forward(model, trainable, frozen, batch, rng, spec, **model_kwargs),
+                              batch["input_ids"])
+  hidden = _forward(model, trainable, frozen, batch, rng, spec, logits=False, **model_kwargs)
+  return losses.head_token_stats(hidden, head, batch["input_ids"], vocab_major=vocab_major, chunk=spec.head_chunk)
 
 
 def loss_fn(model, trainable, frozen, batch, rng, spec: StepSpec, num_tokens):
   """(loss of this micro-batch's share of the step, metrics sums)."""
+  logp, mean_logit = _token_stats(model, trainable, frozen, batch, rng, spec)
   if spec.stage != "dpo":
-    logits = _forward(model, trainable, frozen, batch, rng, spec)
-    loss, aux = losses.cross_entropy_loss(logits, batch, num_tokens=num_tokens)
-    return loss, {"loss": loss, "tokens": aux["num_tokens"]}
-  logits = _forward(model, trainable, frozen, batch, rng, spec)
-  logps, ntok, mean_logit = losses.sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+    sum_nll, count = losses.nll_terms(logp, batch)
+    denominator = jnp.maximum(count, 1.0) if num_tokens is None else num_tokens
+    loss = sum_nll / denominator  # as losses.cross_entropy_loss
+    return loss, {"loss": loss, "tokens": count}
+  logps, ntok, mean_logit = losses.completion_stats(logp, mean_logit, batch["loss_mask"])
   if "ref_logps" in batch:
     ref = batch["ref_logps"]
   else:  # the same weights with the adapters switched off: no second copy
-    ref_logits = _forward(model, jax.lax.stop_gradient(trainable), frozen, batch, rng, spec,
-                          adapters_enabled=False, deterministic=True)
-    ref = jax.lax.stop_gradient(losses.sequence_logps(ref_logits, batch["input_ids"], batch["loss_mask"])[0])
+    ref_stats = _token_stats(model, jax.lax.stop_gradient(trainable), frozen, batch, rng, spec,
+                             adapters_enabled=False, deterministic=True)
+    ref = jax.lax.stop_gradient(losses.completion_stats(*ref_stats, batch["loss_mask"])[0])
   b = logps.shape[0] // 2
   sft_nll = None
   if spec.sft_weight:
     chosen = {k: v[:b] for k, v in batch.items() if k != "ref_logps"}
-    sum_nll, count = losses.sft_loss_terms(logits[:b], chosen)
+    sum_nll, count = losses.nll_terms(logp[:b], chosen)
     sft_nll = sum_nll / jnp.maximum(count, 1.0)
   per_pair = losses.dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=spec.beta, loss_type=spec.loss_type,
                              label_smoothing=spec.label_smoothing, chosen_tokens=ntok[:b], rejected_tokens=ntok[b:])
@@ -155,8 +173,8 @@ def eval_step(model, spec: StepSpec, params, frozen, batch):
   """Sums over one eval batch: (sum of losses weighted for averaging, weight, extra metrics)."""
   spec = dataclasses.replace(spec, grad_accum=1, has_dropout=False)
   if spec.stage != "dpo":
-    logits = _forward(model, params, frozen, batch, None, spec, deterministic=True)
-    sum_nll, count = losses.sft_loss_terms(logits, batch)
+    logp, _ = _token_stats(model, params, frozen, batch, None, spec, deterministic=True)
+    sum_nll, count = losses.nll_terms(logp, batch)
     return {"loss_sum": sum_nll, "weight": count}
   loss, metrics = loss_fn(model.clone(deterministic=True), params, frozen, batch, None, spec, None)
   n = jnp.float32(batch["input_ids"].shape[0] // 2)
@@ -221,10 +239,20 @@ def _model(c, model_config, spec) -> Llama:
                deterministic=c.lora.dropout == 0)
 
 
-def _step_spec(c) -> StepSpec:
+def _head_chunk(c, model_config, mesh) -> int:
+  """Positions per chunk of the fused head: one device's chunk of logits stays under 2^23 elements
+  on CPU (about the last-level cache) and 2^26 on accelerators (large matmuls, 256 MB in fp32)."""
+  rows = c.train.batch_size * (2 if c.stage == "dpo" else 1)
+  local_rows = max(1, rows // (mesh.shape["data"] * mesh.shape["fsdp"]))
+  budget = 2 ** 23 if mesh.devices.flat[0].platform == "cpu" else 2 ** 26
+  chunk = max(1, budget // (local_rows * model_config.vocab_size))
+  return min(1 << (chunk.bit_length() - 1), c.data.max_length)
+
+
+def _step_spec(c, model_config, mesh) -> StepSpec:
   if c.stage == "dpo":
     losses.check_dpo_options(c.dpo.loss_type, c.dpo.label_smoothing)
-  return StepSpec(stage=c.stage, grad_accum=c.train.grad_accum, on_nonfinite=c.train.on_nonfinite,
+  return StepSpec(stage=c.stage, grad_accum=c.train.grad_accum, head_chunk=_head_chunk(c, model_config, mesh),
                   beta=c.dpo.beta, loss_type=c.dpo.loss_type, label_smoothing=c.dpo.label_smoothing,
                   sft_weight=c.dpo.sft_weight, has_dropout=c.lora.dropout > 0)
 
@@ -263,7 +291,7 @@ def abstract_stage(c: ml_collections.ConfigDict, model_config, mesh, tokenizer=N
            "opt_state": opt_abstract}
   state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
   return Stage(c, model, mesh, frozen, state, state_shardings, jax.tree.map(lambda x: x.sharding, frozen),
-               tokenizer, model_config, spec, _step_spec(c), base_path)
+               tokenizer, model_config, spec, _step_spec(c, model_config, mesh), base_path)
 
 
 def build_stage(c: ml_collections.ConfigDict, mesh=None) -> Stage:
@@ -360,9 +388,9 @@ def reference_logps(stage: Stage, examples, batch_size: int, max_length: int, pa
 
   @jax.jit
   def logps(frozen, params, batch):
-    logits = _forward(stage.model, params, frozen, batch, None, stage.step_spec, adapters_enabled=False,
-                      deterministic=True)
-    return losses.sequence_logps(logits, batch["input_ids"], batch["loss_mask"])[0]
+    stats = _token_stats(stage.model, params, frozen, batch, None, stage.step_spec, adapters_enabled=False,
+                         deterministic=True)
+    return losses.completion_stats(*stats, batch["loss_mask"])[0]
 
   out = np.zeros((len(examples), 2), np.float32)
   sharding = S.batch_sharding(stage.mesh)

@@ -289,3 +289,34 @@ def test_dpo_from_logits_matches_trl_with_its_fused_head():
   assert np.all(np.asarray(nc) == completion[:pairs].sum(1))
   for name, value in metrics.items():
     np.testing.assert_allclose(float(value), want_metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("vocab_major", [True, False], ids=["tied", "lm_head"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_head_equals_the_logits_path(vocab_major, dtype):
+  """head_token_stats (chunked, hand-written backward) against token_stats of the full logits:
+  values and the gradient through the hidden states, chunks that do not divide T, -100 padding.
+  fp32 to 1e-5; bf16 to 2e-2, the bf16 tolerance of REFERENCE.md section 8 (rounding of the logits)."""
+  _, batch = lm_batch(3, t=11, v=64)
+  rng = np.random.default_rng(4)
+  hidden = jnp.asarray(rng.standard_normal((3, 11, 16)), dtype)
+  head = jnp.asarray(rng.standard_normal((64, 16) if vocab_major else (16, 64)), dtype)
+  weights = jnp.asarray(rng.standard_normal((3, 11)), jnp.float32)
+  mask = jnp.asarray(batch["loss_mask"] > 0)
+
+  def objective(fused, h):
+    if fused:
+      logp, mean_logit = losses.head_token_stats(h, head, batch["input_ids"], vocab_major=vocab_major, chunk=4)
+    else:
+      logits = jnp.einsum("btd,vd->btv" if vocab_major else "btd,dv->btv", h, head)
+      logp, mean_logit = losses.token_stats(logits, batch["input_ids"])
+    return jnp.sum(jnp.where(mask, weights * logp, 0.0)), (logp, mean_logit)
+
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  (_, (lp_f, ml_f)), g_f = jax.jit(jax.value_and_grad(lambda h: objective(True, h), has_aux=True))(hidden)
+  (_, (lp_p, ml_p)), g_p = jax.jit(jax.value_and_grad(lambda h: objective(False, h), has_aux=True))(hidden)
+  valid = np.asarray(batch["input_ids"] >= 0)
+  np.testing.assert_allclose(np.asarray(lp_f)[valid], np.asarray(lp_p)[valid], rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(ml_f), np.asarray(ml_p), rtol=tol, atol=tol)
+  g_f, g_p = np.asarray(g_f, np.float32), np.asarray(g_p, np.float32)
+  assert np.abs(g_f - g_p).max() <= tol * np.abs(g_p).max()
