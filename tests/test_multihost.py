@@ -54,3 +54,42 @@ def test_two_processes_match_one(tiny_hf_dir, tmp_path):
   for a, b in zip(got, expected):
     assert abs(a - b) <= 1e-5 * abs(b), (got, expected)
   assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == sorted(os.listdir(os.path.join(one, "checkpoints")))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_checkpoints_both_and_resumes(tiny_hf_dir, tmp_path):
+  """Cloud TPU preempts a slice by sending SIGTERM to its hosts, not always at once: one signalled
+  process is enough for every process to agree on a step, save it collectively and exit 0; the
+  re-run resumes from that step and finishes."""
+  import signal
+  import time
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  workdir = str(tmp_path / "run")
+
+  def launch(steps):
+    port = free_port()
+    return [subprocess.Popen(train_args(tiny_hf_dir, workdir, [
+        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+        f"--config.train.steps={steps}", "--config.checkpoint.every=1000"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+
+  procs = launch(400)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 600
+  while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), "training did not start"
+    time.sleep(0.5)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    assert "SIGTERM received; saved the checkpoint of step" in err, err[-3000:]
+  saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+  assert len(saved) == 1 and 2 <= saved[0] < 400, saved
+
+  procs = launch(saved[0] + 2)
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  steps = [json.loads(line)["step"] for line in open(metrics)]
+  assert steps[-1] == saved[0] + 2 and steps[-2] == saved[0] + 1, steps
