@@ -34,11 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from anita_jax import quant as Q
+from anita_jax import splash as SP
 from anita_jax.config import ModelConfig
 
 Array = jax.Array
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_KINDS = ("dot", "splash")  # training/eval attention: plain [T, S] scores | blockwise Pallas kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +216,7 @@ class _Block(nn.Module):
   adapters_enabled: bool = True
   deterministic: bool = True
   quant: Q.QuantSpec | None = None
+  attention: str = "dot"
 
   def linear(self, name: str, features: int, axes: tuple[str, str]) -> Linear:
     lora = self.lora if self.lora is not None and name in self.lora.targets else None
@@ -222,7 +225,8 @@ class _Block(nn.Module):
 
   def child_kwargs(self) -> dict[str, Any]:
     return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
-                adapters_enabled=self.adapters_enabled, deterministic=self.deterministic, quant=self.quant)
+                adapters_enabled=self.adapters_enabled, deterministic=self.deterministic, quant=self.quant,
+                attention=self.attention)
 
 
 class Attention(_Block):
@@ -246,7 +250,11 @@ class Attention(_Block):
       cv = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), (0, cache_offset, 0, 0))
       new_cache = {"k": ck, "v": cv}
       key, value, offset = ck.astype(self.dtype), cv.astype(self.dtype), cache_offset
-    o = attention(q, key, value, q_segment_bt, kv_segment_bs, offset).reshape(b, t, n * h)
+    if cache is None and self.attention == "splash" and SP.usable():  # a whole sequence: T == S, q_offset 0
+      o = SP.splash_attention(q, key, value, q_segment_bt)
+    else:
+      o = attention(q, key, value, q_segment_bt, kv_segment_bs, offset)
+    o = o.reshape(b, t, n * h)
     return self.linear("o_proj", c.hidden_size, ("q_heads", "embed"))(o), new_cache
 
 
@@ -290,6 +298,9 @@ class Llama(nn.Module):
   adapters_enabled: bool = True
   deterministic: bool = True
   quant: Q.QuantSpec | None = None  # of the seven projections; embeddings, lm_head, norms stay dense
+  # "splash": the Pallas blockwise kernel (`splash.py`) for whole-sequence forwards (training, eval);
+  # decoding with a KV cache always uses the plain `attention`.
+  attention: str = "dot"
 
   @nn.compact
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, *, cache=None,
@@ -304,6 +315,8 @@ class Llama(nn.Module):
       logits, for a loss that applies the head itself (`losses.head_token_stats`).
     """
     c = self.config
+    if self.attention not in ATTENTION_KINDS:
+      raise ValueError(f"Llama.attention={self.attention!r}: expected one of {', '.join(ATTENTION_KINDS)}")
     b, t = tokens_bt.shape
     if segment_ids_bt is None:
       segment_ids_bt = jnp.ones((b, t), jnp.int32)
@@ -318,7 +331,8 @@ class Llama(nn.Module):
     x_btd = jnp.take(embedding, tokens_bt, axis=0).astype(self.dtype)
 
     kwargs = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
-                  adapters_enabled=self.adapters_enabled, deterministic=self.deterministic, quant=self.quant)
+                  adapters_enabled=self.adapters_enabled, deterministic=self.deterministic, quant=self.quant,
+                  attention=self.attention)
     layer_cls = DecoderLayer
     if self.remat_policy != "none":
       layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(self.remat_policy),

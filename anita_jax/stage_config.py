@@ -11,7 +11,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from anita_jax.errors import UserError
-from anita_jax.model import PROJECTIONS, REMAT_POLICIES
+from anita_jax.model import ATTENTION_KINDS, PROJECTIONS, REMAT_POLICIES
 
 STAGES = ("sft", "dpo", "lm")
 
@@ -28,6 +28,10 @@ def stage_config(stage: str = "sft") -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.model.scan_layers = True
   c.model.remat = "none"  # none | full | dots | dots_no_batch
+  # Training/eval attention: dot (plain, materialises the [T, T] scores) | splash (blockwise Pallas TPU
+  # kernel, skips the masked tiles; for long sequences on TPU, interpreted and slow elsewhere).
+  # Decoding with a KV cache always uses dot.
+  c.model.attention = "dot"
   c.model.license = "apache-2.0"  # of the base model, for exported model cards
 
   # Sampling defaults written into exported generation_config.json (temperature 0: greedy).
@@ -97,6 +101,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c.merge_into, "merge_into", ("dequantized", "original"))
   _choice(c.model.dtype, "model.dtype", ("float32", "bfloat16"))
   _choice(c.model.remat, "model.remat", REMAT_POLICIES)
+  _choice(c.model.attention, "model.attention", ATTENTION_KINDS)
   _choice(c.quant.type, "quant.type", ("none", "nf4", "int4"))
   _choice(c.data.mask, "data.mask", ("all", "assistant"))
   _choice(c.data.truncation, "data.truncation", ("truncate", "drop"))

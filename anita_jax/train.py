@@ -236,7 +236,7 @@ def _model(c, model_config, spec) -> Llama:
   return Llama(model_config, dtype=dtype, param_dtype=dtype, scan_layers=c.model.scan_layers,
                remat_policy=c.model.remat, lora=spec, quant=Q.QuantSpec(c.quant.type, c.quant.block_size,
                                                                          c.quant.double_quant),
-               deterministic=c.lora.dropout == 0)
+               deterministic=c.lora.dropout == 0, attention=c.model.attention)
 
 
 def _head_chunk(c, model_config, mesh) -> int:
