@@ -42,6 +42,7 @@ from anita_jax import loading
 from anita_jax import lora as LA
 from anita_jax import quant as Q
 from anita_jax import sharding as S
+from anita_jax import splash
 from anita_jax import stage_config
 from anita_jax import train
 from anita_jax.config import PRESETS, ModelConfig
@@ -254,11 +255,15 @@ def _shard_bytes(x) -> int:
 
 
 def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, length: int, grad_accum: int,
-                   remat: str, reference_forward: bool, head_weight_grad: bool = False) -> dict:
-  """FLOPs of one optimizer step (all chips): {"model": without recomputation, "executed": with it, "formula"}.
+                   remat: str, reference_forward: bool, head_weight_grad: bool = False,
+                   attention: str = "dot") -> dict:
+  """FLOPs of one optimizer step (all chips): {"model": without recomputation, "executed": with it,
+  "kernel": the executed FLOPs inside Pallas kernels, "formula"}.
 
   Matmuls only (2 per multiply-add); norms, softmax, RoPE, SiLU, the loss,
   dequantization and the optimizer are left out (a few percent at most for these models).
+  "model" counts attention over the full T x T whatever the kernel, so that MFU
+  compares kernels on the same work; "executed" counts what the kernel computes.
   """
   d, v, n_layers = mc.hidden_size, mc.vocab_size, mc.num_layers
   dims = LA.projection_dims(mc)
@@ -266,6 +271,15 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
   adapters = sum(lora_rank * (i + o) for name, (i, o) in dims.items() if name in lora_targets)
   tokens = rows * length
   attn = 4 * rows * length ** 2 * mc.num_heads * mc.head_dim  # QK^T and PV over the full T x T
+  if attention == "splash":
+    # Only the tiles on or below the diagonal are computed (of the padded length). The backward kernels
+    # recompute Q K^T from the saved log-sum-exp: 7 tile products (dq: QK^T, dO V^T, dS K; dk and dv:
+    # QK^T, P^T dO, dO V^T, dS^T Q) against autodiff's 4.
+    computed, _ = splash.causal_blocks(length)
+    attn_fwd = 4 * rows * computed * splash.block_size(length) ** 2 * mc.num_heads * mc.head_dim
+    attn_bwd = 3.5 * attn_fwd
+  else:
+    attn_fwd, attn_bwd = attn, 2 * attn
   layer_fwd = 2 * tokens * (frozen + adapters) + attn
   head = 2 * tokens * d * v
   fwd = n_layers * layer_fwd + head
@@ -281,7 +295,16 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
   f_in, f_out = dims["down_proj"]
   last = 2 * tokens * f_in * f_out + (2 * tokens * lora_rank * f_out if "down_proj" in lora_targets else 0)
   recompute = {"none": 0, "full": n_layers * (layer_fwd - last), "dots": 0, "dots_no_batch": n_layers * attn}[remat]
+  kernel = 0
+  if attention == "splash":
+    # A Pallas call is not a dot: every remat policy recomputes its forward.
+    recompute += {"none": 0, "full": n_layers * (attn_fwd - attn), "dots": n_layers * attn_fwd,
+                  "dots_no_batch": n_layers * (attn_fwd - attn)}[remat]
+    kernel = grad_accum * n_layers * (attn_fwd + attn_bwd + (attn_fwd if reference_forward else 0)
+                                      + (attn_fwd if remat != "none" else 0))
   model = grad_accum * (fwd + bwd + ref)
+  # What the kernel executes instead of the model's full T x T (forward, backward, DPO reference).
+  swap = grad_accum * n_layers * ((attn_fwd - attn) * (2 if reference_forward else 1) + attn_bwd - 2 * attn)
   formula = (
       f"per micro-batch of n = rows x T = {rows} x {length} tokens, per layer (L = {n_layers}): forward "
       f"2 n P + 2 n P_lora + A, backward 2 n P (input gradients only, frozen weights get none) + 4 n P_lora "
@@ -291,10 +314,19 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
       f"{'; DPO reference forward (adapters off) L (2 n P + A) + 2 n D V' if reference_forward else ''}; "
       f"times {grad_accum} micro-batches. P = {frozen} frozen projection weights per layer, P_lora = {adapters} "
       f"adapter weights per layer, A = 4 rows T^2 N H = {attn} attention FLOPs per layer (QK^T and PV over the "
-      f"full T x T: the causal mask is applied, not skipped), D = {d}, V = {v}. 'executed' adds the remat="
-      f"{remat} recomputation of the forward ({recompute} per micro-batch; full: all but down_proj's product, "
-      "whose output the backward does not need). Matmuls only.")
-  return {"model": float(model), "executed": float(model + grad_accum * recompute), "formula": formula,
+      f"full T x T), D = {d}, V = {v}. "
+      + ("With attention=dot the causal mask is applied, not skipped: A forward, 2 A backward are computed. "
+         if attention != "splash" else
+         f"With attention=splash the kernel computes only the {splash.causal_blocks(length)[0]} of "
+         f"{splash.causal_blocks(length)[1]} tiles ({splash.block_size(length)} x {splash.block_size(length)}) "
+         f"on or below the diagonal: A_s = {attn_fwd:.6g} forward, 3.5 A_s backward (7 tile products, "
+         f"Q K^T recomputed), so 'executed' counts A_s and 3.5 A_s where 'model' counts A and 2 A; the "
+         f"compiler counts no FLOPs inside a Pallas call, so the kernel's {kernel:.6g} FLOPs of the step "
+         "are added to its count. ")
+      + f"'executed' adds the remat={remat} recomputation of the forward ({recompute} per micro-batch; full: "
+      "all but down_proj's product, whose output the backward does not need). Matmuls only.")
+  return {"model": float(model), "executed": float(model + swap + grad_accum * recompute), "kernel": float(kernel),
+          "formula": formula,
           "attention_share": float(grad_accum * n_layers * attn * (3 + (1 if reference_forward else 0)) / model)}
 
 
@@ -401,11 +433,13 @@ def compile_report(c: ml_collections.ConfigDict, topology: str, *, cross_check: 
       "embed_tokens" in groups and model_config.tie_word_embeddings)
   counted = analytic_flops(model_config, c.lora.rank, tuple(c.lora.targets.split(",")), rows=rows, length=length,
                            grad_accum=accum, remat=c.model.remat, head_weight_grad=head_grad,
-                           reference_forward=c.stage == "dpo" and c.dpo.reference == "base")
+                           reference_forward=c.stage == "dpo" and c.dpo.reference == "base",
+                           attention=c.model.attention)
   report = {
       "topology": topology, "chip": chip_name, "devices": devices, "mesh": dict(mesh.shape), "stage": c.stage,
       "model": {"path": c.model.path, "architecture": source, "num_layers": model_config.num_layers,
                 "num_params": model_config.num_params, "dtype": c.model.dtype, "remat": c.model.remat,
+                "attention": c.model.attention,
                 "quant": c.quant.type, "lora_rank": c.lora.rank},
       "batch": {"batch_size": c.train.batch_size, "rows_per_micro_batch": rows, "grad_accum": accum,
                 "max_length": length, "rows_per_device": rows // shards,
@@ -458,6 +492,7 @@ def compile_report(c: ml_collections.ConfigDict, topology: str, *, cross_check: 
     keys = ("flops", "bytes", "collective_bytes")
     whole = {k: one[k] + (two[k] - one[k]) * (model_config.num_layers - 1) for k in keys}
     flops, accessed, collective = (accum * whole[k] - (accum - 1) * update[k] for k in keys)
+    flops += counted["kernel"] / devices  # Pallas calls are opaque to the compiler's count
     report.update({"flops_ratio": flops * devices / counted["executed"], "collective_bytes_per_device": collective,
                    "cross_check": {"cost_1_layer": one, "cost_2_layers": two, "cost_update": update,
                                    "method": "per device: accum x (a + b L) - (accum - 1) x update, where "
