@@ -34,6 +34,9 @@ def stage(name: str) -> ml_collections.ConfigDict:
     c.data.max_length = 8192
     c.data.packing = True
     c.data.mask = "all"  # ANITA trained on all tokens
+    # At 8192 tokens the plain attention's [T, T] scores dominate memory; with the blockwise kernel one
+    # v5e chip holds a micro-batch (README, "ANITA 8B on TPU topologies"). DPO (1024 tokens) keeps dot.
+    c.model.attention = "splash"
     c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.rslora = 16, 8.0, 0.0, False
     c.train.epochs = 1
     c.train.batch_size, c.train.grad_accum = 16, 8
@@ -58,6 +61,7 @@ def stage(name: str) -> ml_collections.ConfigDict:
     c.data.format = "text"
     c.data.max_length = 8192
     c.data.packing = True
+    c.model.attention = "splash"  # as sft
     c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.rslora = 64, 16.0, 0.0, False
     c.train.epochs = 1
     c.train.batch_size, c.train.grad_accum = 16, 8
