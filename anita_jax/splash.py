@@ -20,7 +20,7 @@ finite, and differs from `model.attention`'s (a uniform average over all
 keys). No loss reads those rows, and no real query sees a padding key, so the
 gradients of everything a loss reads are the same.
 
-Sharding: under a mesh set with `jax.set_mesh` (as `aot.lower_step` does), the
+Sharding: under a mesh set with `jax.set_mesh` (as `train.in_mesh` does), the
 kernel runs in `shard_map`, rows split over (data, fsdp) and kv heads over
 tensor, as MaxText shards its splash call; a mesh axis that does not divide
 its dimension is left out (sharding.py's rule). Without a mesh in context the

@@ -272,7 +272,8 @@ def abstract_stage(c: ml_collections.ConfigDict, model_config, mesh, tokenizer=N
   for name, (d_in, _) in LA.projection_dims(model_config).items():
     qspec.validate(d_in, name)
   model = _model(c, model_config, spec)
-  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  # Shapes only; the attention kind has no parameters, and the kernel would want a mesh in context.
+  boxed = jax.eval_shape(model.clone(attention="dot").init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   shardings = S.shardings_of(boxed, mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.meta.unbox(boxed), shardings)
@@ -359,8 +360,27 @@ def _stack(batches: list[dict]) -> dict:
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
+def in_mesh(mesh, jitted):
+  """`jitted`, traced and run under `mesh` and the logical-axis rules.
+
+  The model's activation constraints take effect only there, and the splash
+  kernel's `shard_map` needs the mesh in context. `aot.lower_step` lowers the
+  step the same way.
+  """
+
+  @functools.wraps(jitted)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(S.DEFAULT_RULES):
+      return jitted(*args, **kwargs)
+
+  return call
+
+
 def compile_step(stage: Stage, tx, data_shardings):
-  """The jitted train step with explicit shardings; the state is donated."""
+  """The jitted train step with explicit shardings; the state is donated.
+
+  Call it (or `.lower` it) under the mesh: `in_mesh(stage.mesh, ...)`.
+  """
   step = functools.partial(train_step, stage.model, tx, stage.step_spec)
   replicated = jax.sharding.NamedSharding(stage.mesh, jax.sharding.PartitionSpec())
   return jax.jit(step, in_shardings=(stage.state_shardings, stage.frozen_shardings, data_shardings, replicated),
@@ -386,6 +406,7 @@ def reference_logps(stage: Stage, examples, batch_size: int, max_length: int, pa
   """[N, 2] summed completion log-probs (chosen, rejected) of every pair under the reference
   (the base, adapters disabled), in one pass; the same numbers `dpo.reference=base` computes."""
 
+  @functools.partial(in_mesh, stage.mesh)
   @jax.jit
   def logps(frozen, params, batch):
     stats = _token_stats(stage.model, params, frozen, batch, None, stage.step_spec, adapters_enabled=False,
@@ -508,8 +529,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, stop_after: i
   data_sharding = {k: data_sharding["input_ids"] for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
   if ref is not None:
     data_sharding["ref_logps"] = S.batch_sharding(stage.mesh, 2, leading=1)
-  step_fn = compile_step(stage, tx, data_sharding)
-  eval_fn = jax.jit(functools.partial(eval_step, stage.model, stage.step_spec))
+  step_fn = in_mesh(stage.mesh, compile_step(stage, tx, data_sharding))
+  eval_fn = in_mesh(stage.mesh, jax.jit(functools.partial(eval_step, stage.model, stage.step_spec)))
   writer = MetricsWriter(workdir, total)
   rng = jax.random.key(c.train.seed + 1)
   last: dict = {}

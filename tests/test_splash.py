@@ -8,6 +8,7 @@ max|b| over the positions a loss can read (segment != 0). Tolerances: fp32
 """
 
 import functools
+import json
 
 import flax.linen as nn
 import jax
@@ -171,3 +172,32 @@ def test_several_tpu_devices_without_a_mesh_run_the_plain_attention(monkeypatch)
   assert jax.device_count() == 8 and not SP.usable()
   with jax.set_mesh(S.make_mesh(data=2, fsdp=2, tensor=2)):
     assert SP.usable()
+
+
+def test_training_on_a_mesh_runs_the_kernel_under_the_mesh(demo_config, tiny_hf_dir, tmp_path, monkeypatch):
+  # train.py traces its step under the mesh (train.in_mesh), so on TPU the kernel runs in shard_map; here the
+  # spy records the mesh each kernel call was traced under, and the losses equal the plain attention's.
+  from anita_jax import train as T  # noqa: PLC0415 - keeps the module's imports to the kernel's own
+
+  meshes = []
+  kernel = SP.splash_attention
+
+  def spy(*args):
+    meshes.append(dict(jax.sharding.get_abstract_mesh().shape))
+    return kernel(*args)
+
+  monkeypatch.setattr(SP, "splash_attention", spy)
+  losses = {}
+  for attention in ("dot", "splash"):
+    c = demo_config("sft")
+    c.model.path, c.model.attention = tiny_hf_dir, attention
+    c.data.eval, c.data.max_length, c.data.packing = "", 64, True
+    c.train.batch_size, c.train.steps, c.train.log_every, c.train.warmup_steps = 8, 2, 1, 0
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    c.lora.rank, c.checkpoint.every = 4, 1000
+    workdir = tmp_path / attention
+    T.train_and_evaluate(c, str(workdir))
+    with open(workdir / "metrics.jsonl") as f:
+      losses[attention] = [json.loads(line)["loss"] for line in f]
+  assert meshes and all(m == {"data": 2, "fsdp": 2, "tensor": 2} for m in meshes), meshes
+  assert rel_err(losses["splash"], losses["dot"]) <= TOLERANCE[jnp.float32], losses
