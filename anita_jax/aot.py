@@ -517,6 +517,36 @@ def compile_report(c: ml_collections.ConfigDict, topology: str, *, cross_check: 
   return report
 
 
+def fit_micro_batch(c: ml_collections.ConfigDict, topology: str) -> tuple[ml_collections.ConfigDict, dict, list[dict]]:
+  """(config, report, trials): the largest micro-batch, at most the config's, that fits `topology`, its
+  `compile_report` without cross-check, and what each tried size needed.
+
+  The optimizer step keeps its size: `batch_size x grad_accum` stays the
+  config's, so only the split between the micro-batch and the accumulation
+  steps changes. Sizes are tried from the config's down, each a divisor of the
+  step's batch and a multiple of the devices the batch is split over; each
+  trial is one compile of the step (no cross-check programs).
+  """
+  mesh = topology_mesh(topology, (c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  total = c.train.batch_size * c.train.grad_accum
+  trials = []
+  for size in range(c.train.batch_size, 0, -1):
+    if total % size or size % shards:
+      continue
+    trial = _replace(c, **{"train.batch_size": size, "train.grad_accum": total // size})
+    report = compile_report(trial, topology, cross_check=False)
+    trials.append({"batch_size": size, "grad_accum": total // size, "fits": report["fits"],
+                   "total_bytes": (report["per_device_bytes"] or {}).get("total"),
+                   "compile_error": report.get("compile_error")})
+    _progress(f"micro-batch {size} x {total // size}: " + ("fits" if report["fits"] else "does not fit"))
+    if report["fits"]:
+      return trial, report, trials
+  raise UserError(f"--topology={topology}: no micro-batch of the step's {total} "
+                  f"{'pairs' if c.stage == 'dpo' else 'rows'} fits, down to {shards} per micro-batch "
+                  f"({shards} device(s) share it); use a larger topology or a shorter data.max_length")
+
+
 def write_json(path: str, value) -> None:
   """Writes `value` as JSON atomically (a temporary file, then a rename)."""
   directory = os.path.dirname(os.path.abspath(path))

@@ -1,6 +1,6 @@
 """Compile a stage's training step for a TPU topology on a CPU-only host, and report memory and speed.
 
-python scripts/aot_compile.py --config=configs/FILE.py[:ARG] --topology=v5e:2x4 [--output=FILE.json]
+python scripts/aot_compile.py --config=configs/FILE.py[:ARG] --topology=v5e:2x4 [--output=FILE.json] [--fit]
 
 Needs libtpu (pinned in requirements.txt) but no TPU: the devices are libtpu's
 compile-only ones. JAX itself runs on the CPU (JAX_PLATFORMS=cpu, the default here).
@@ -23,13 +23,21 @@ _OUTPUT = flags.DEFINE_string("output", None, "Also write the report to this JSO
 _CROSS_CHECK = flags.DEFINE_bool("cross_check", True, "Also compile 1- and 2-layer steps to count FLOPs and bytes "
                                  "(loop bodies are counted once by the compiler); without it FLOPs are analytic "
                                  "and the step time ignores memory traffic.")
+_FIT = flags.DEFINE_bool("fit", False, "If the config's micro-batch does not fit, report the largest one that "
+                         "does, with the same batch per optimizer step (train.batch_size x train.grad_accum); the "
+                         "sizes tried are in the report's `fit_trials`.")
 
 
 def main(argv):
   del argv
   from anita_jax import aot
-  report = aot.compile_report(cli.stage_config(_CONFIG.value, "--config"), _TOPOLOGY.value,
-                              cross_check=_CROSS_CHECK.value)
+  c = cli.stage_config(_CONFIG.value, "--config")
+  if _FIT.value:
+    c, report, trials = aot.fit_micro_batch(c, _TOPOLOGY.value)
+  if not _FIT.value or _CROSS_CHECK.value:
+    report = aot.compile_report(c, _TOPOLOGY.value, cross_check=_CROSS_CHECK.value)
+  if _FIT.value:
+    report["fit_trials"] = trials
   print(json.dumps(report, indent=2, sort_keys=True))
   if _OUTPUT.value:
     aot.write_json(_OUTPUT.value, report)

@@ -134,3 +134,32 @@ def test_script_writes_the_report_and_reports_bad_topologies(model_dir, tmp_path
   bad = subprocess.run(cmd + ["--topology=v5e:2x2x2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert bad.returncode != 0
   assert bad.stderr.strip().splitlines()[-1].startswith("error: --topology='v5e:2x2x2'")
+
+
+def test_fit_finds_the_largest_micro_batch_that_fits(demo_config, model_dir, monkeypatch):
+  # The search alone: a stand-in compile says a micro-batch fits from 8 pairs down (the real compile's
+  # verdicts are tested above; the 8B run is in README).
+  from anita_jax import aot
+  from anita_jax.errors import UserError
+  asked = []
+
+  def compile_report(c, topology, cross_check):
+    asked.append((c.train.batch_size, c.train.grad_accum, cross_check))
+    fits = c.train.batch_size <= limit
+    return {"fits": fits, "per_device_bytes": {"total": c.train.batch_size} if fits else None,
+            "compile_error": None if fits else "RESOURCE_EXHAUSTED"}
+
+  monkeypatch.setattr(aot, "compile_report", compile_report)
+  c = small_config(demo_config, model_dir, "dpo")
+  c.train.batch_size, c.train.grad_accum = 16, 3  # 48 pairs per optimizer step, over 4 chips (fsdp)
+  limit = 8
+  fitted, report, trials = aot.fit_micro_batch(c, "v5e:2x2")
+  # Sizes are divisors of 48 that 4 chips share evenly, from the config's down: 16, 12, 8.
+  assert asked == [(16, 3, False), (12, 4, False), (8, 6, False)]
+  assert [(t["batch_size"], t["grad_accum"], t["fits"]) for t in trials] == [(16, 3, False), (12, 4, False),
+                                                                          (8, 6, True)]
+  assert (fitted.train.batch_size, fitted.train.grad_accum) == (8, 6) and report["fits"]
+  assert (c.train.batch_size, c.train.grad_accum) == (16, 3)  # the caller's config is left as it was
+  limit = 0
+  with pytest.raises(UserError, match="no micro-batch of the step's 48 pairs fits, down to 4 per micro-batch"):
+    aot.fit_micro_batch(c, "v5e:2x2")
