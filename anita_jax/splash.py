@@ -30,9 +30,10 @@ be automatically partitioned"), so there, without a mesh in context, `usable()` 
 False and the model runs its plain attention instead, with a warning: trace
 the step under `jax.set_mesh(mesh)` to get the kernel.
 
-Off TPU (the CPU tests) the kernel runs in Pallas interpret mode: the same
+On the CPU (the tests) the kernel runs in Pallas interpret mode: the same
 program, evaluated with ordinary XLA ops. Slow; use `attention="dot"` there
-for anything but checking.
+for anything but checking. On GPUs `usable()` is False (with a warning) and
+the plain attention runs.
 """
 
 from __future__ import annotations
@@ -95,10 +96,18 @@ def _platform(mesh) -> str:
 
 
 def usable() -> bool:
-  """Whether the kernel can run in the program being traced: not on several TPU devices without a mesh in
-  context (the compiler cannot partition a Mosaic kernel by itself); warns once when it cannot."""
+  """Whether the kernel should run in the program being traced; warns once when it should not.
+
+  Not on GPUs (it is a TPU kernel; elsewhere only Pallas' interpreter runs it,
+  which is meant for checking on the CPU), and not on several TPU devices
+  without a mesh in context (the compiler cannot partition a Mosaic kernel by itself).
+  """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty and _platform(mesh) == "tpu" and jax.device_count() > 1:
+  platform = _platform(mesh)
+  if platform in ("gpu", "cuda", "rocm"):
+    _warn_gpu()
+    return False
+  if mesh.empty and platform == "tpu" and jax.device_count() > 1:
     _warn_unsharded()
     return False
   return True
@@ -138,6 +147,12 @@ def splash_attention(q_btnh, k_bskh, v_bskh, segment_bt) -> jax.Array:
                           check_vma=False)
   out = local(q, key, value, segment)[:, :, :t]  # [B, N, T, H]
   return jnp.transpose(out, (0, 2, 1, 3))
+
+
+@functools.cache
+def _warn_gpu() -> None:
+  logging.warning("model.attention=splash is a TPU kernel; on GPU the plain attention runs instead "
+                  "(set model.attention=dot to silence this)")
 
 
 @functools.cache

@@ -166,6 +166,14 @@ def test_config_field_is_validated(demo_config):
     M.Llama(cfg.PRESETS["tiny"], attention="flash").init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
 
 
+def test_gpus_run_the_plain_attention(monkeypatch):
+  # A TPU kernel: on a GPU only Pallas' interpreter could run it, which is for checking on the CPU.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not SP.usable()
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert SP.usable()
+
+
 def test_several_tpu_devices_without_a_mesh_run_the_plain_attention(monkeypatch):
   # The TPU compiler cannot partition a Mosaic kernel by itself; under a mesh the kernel runs in shard_map.
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
