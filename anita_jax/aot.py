@@ -32,7 +32,6 @@ import re
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -166,11 +165,8 @@ def abstract_batch(c: ml_collections.ConfigDict, mesh) -> tuple[dict, dict]:
 
 
 def lower_step(c: ml_collections.ConfigDict, model_config: ModelConfig, mesh):
-  """(abstract stage, lowered step): `train.compile_step` lowered on abstract inputs.
-
-  Lowered under the mesh and the logical-axis rules, so that the model's
-  activation constraints take effect (outside them they are no-ops).
-  """
+  """(abstract stage, lowered step): `train.compile_step` lowered on abstract inputs, under the mesh and
+  the logical-axis rules as training runs it."""
   stage = train.abstract_stage(c, model_config, mesh)
   tx, _ = train.make_optimizer(c, total_steps=1000)
   batch, shardings = abstract_batch(c, mesh)
@@ -178,8 +174,7 @@ def lower_step(c: ml_collections.ConfigDict, model_config: ModelConfig, mesh):
   key = jax.eval_shape(jax.random.key, 0)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(S.DEFAULT_RULES):
-    return stage, step.lower(stage.state, stage.frozen, batch, rng)
+  return stage, step.lower(stage.state, stage.frozen, batch, rng)
 
 
 def _lower_update(stage: train.Stage, tx):

@@ -361,30 +361,32 @@ def _stack(batches: list[dict]) -> dict:
 
 
 def in_mesh(mesh, jitted):
-  """`jitted`, traced and run under `mesh` and the logical-axis rules.
+  """`jitted`, traced, lowered (`.lower`) and run under `mesh` and the logical-axis rules.
 
   The model's activation constraints take effect only there, and the splash
-  kernel's `shard_map` needs the mesh in context. `aot.lower_step` lowers the
-  step the same way.
+  kernel's `shard_map` needs the mesh in context.
   """
 
-  @functools.wraps(jitted)
-  def call(*args, **kwargs):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(S.DEFAULT_RULES):
-      return jitted(*args, **kwargs)
+  def under(fn):
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(S.DEFAULT_RULES):
+        return fn(*args, **kwargs)
 
+    return call
+
+  call = under(jitted)
+  call.lower = under(jitted.lower)
   return call
 
 
 def compile_step(stage: Stage, tx, data_shardings):
-  """The jitted train step with explicit shardings; the state is donated.
-
-  Call it (or `.lower` it) under the mesh: `in_mesh(stage.mesh, ...)`.
-  """
+  """The jitted train step with explicit shardings, under the stage's mesh (`in_mesh`); the state is donated."""
   step = functools.partial(train_step, stage.model, tx, stage.step_spec)
   replicated = jax.sharding.NamedSharding(stage.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step, in_shardings=(stage.state_shardings, stage.frozen_shardings, data_shardings, replicated),
-                 out_shardings=(stage.state_shardings, replicated), donate_argnums=(0,))
+  return in_mesh(stage.mesh, jax.jit(
+      step, in_shardings=(stage.state_shardings, stage.frozen_shardings, data_shardings, replicated),
+      out_shardings=(stage.state_shardings, replicated), donate_argnums=(0,)))
 
 
 def evaluate(stage: Stage, params, eval_iter, eval_fn) -> dict:
@@ -529,7 +531,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, stop_after: i
   data_sharding = {k: data_sharding["input_ids"] for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
   if ref is not None:
     data_sharding["ref_logps"] = S.batch_sharding(stage.mesh, 2, leading=1)
-  step_fn = in_mesh(stage.mesh, compile_step(stage, tx, data_sharding))
+  step_fn = compile_step(stage, tx, data_sharding)
   eval_fn = in_mesh(stage.mesh, jax.jit(functools.partial(eval_step, stage.model, stage.step_spec)))
   writer = MetricsWriter(workdir, total)
   rng = jax.random.key(c.train.seed + 1)

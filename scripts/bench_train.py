@@ -94,7 +94,7 @@ def time_ours(dtype: str, quant: str, steps: int):
   c.mesh.data = 1
   stage = train.build_stage(c)
   tx, _ = train.make_optimizer(c, 100)
-  step = train.in_mesh(stage.mesh, train.compile_step(stage, tx, sharding.batch_sharding(stage.mesh, 3, leading=1)))
+  step = train.compile_step(stage, tx, sharding.batch_sharding(stage.mesh, 3, leading=1))
   if _STAGE.value == "dpo":
     ids, mask = dpo_batch(stage.tokenizer)
   else:
