@@ -6,7 +6,7 @@ class UserError(Exception):
 
   The message names the file, the 1-based row or line where there is one, and
   the field, tensor or flag. Scripts print it as one `error:` line on stderr
-  and exit non-zero (see `anita_jax.cli`).
+  and exit non-zero (see `anita_jax.apps.cli`).
   """
 
 

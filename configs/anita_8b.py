@@ -8,7 +8,7 @@ ANITA one: batch_size x grad_accum sequences (pairs for DPO) per optimizer step.
 
 import ml_collections
 
-from anita_jax.stage_config import stage_config
+from anita_jax.train.config import stage_config
 
 BASE = "meta-llama/Meta-Llama-3-8B-Instruct"
 SYSTEM_PROMPT = ("Sei un an assistente AI per la lingua Italiana di nome LLaMAntino-3 ANITA (Advanced "

@@ -9,7 +9,7 @@ import os
 
 import ml_collections
 
-from anita_jax.stage_config import stage_config
+from anita_jax.train.config import stage_config
 
 
 

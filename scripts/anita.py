@@ -9,7 +9,7 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from anita_jax import cli
+from anita_jax.apps import cli
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "anita_demo.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "A recipe config (no ARG): one stage config per "
@@ -20,7 +20,7 @@ cli.define_distributed_flags()
 
 def main(argv):
   del argv
-  from anita_jax import recipe
+  from anita_jax.apps import recipe
   cli.initialize_distributed()
   recipe.run_recipe(_CONFIG.value, _WORKDIR.value)
 

@@ -30,7 +30,7 @@ _FIT = flags.DEFINE_bool("fit", False, "If the config's micro-batch does not fit
 
 def main(argv):
   del argv
-  from anita_jax import aot
+  from anita_jax.train import aot
   c = cli.stage_config(_CONFIG.value, "--config")
   if _FIT.value:
     c, report, trials = aot.fit_micro_batch(c, _TOPOLOGY.value)

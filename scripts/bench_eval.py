@@ -15,7 +15,7 @@ import time
 
 from absl import flags
 
-from anita_jax import cli
+from anita_jax.apps import cli
 
 _MODEL = flags.DEFINE_string("model", None, "Model PATH: .gguf file or HF directory (default: embedded SmolLM2).")
 _DOCS = flags.DEFINE_integer("docs", 40, "Documents (4 requests each).")
@@ -53,7 +53,8 @@ def main(argv):
   import torch
   from lm_eval.models.huggingface import HFLM
 
-  from anita_jax import evaluate, loading
+  from anita_jax.infer import evaluate
+  from anita_jax.convert import loading
   path = _MODEL.value or loading.embedded_default_path()
   with tempfile.TemporaryDirectory() as directory:
     write_task(directory, _DOCS.value)

@@ -10,7 +10,7 @@ import time
 
 from absl import flags
 
-from anita_jax import cli
+from anita_jax.apps import cli
 
 _MODEL = flags.DEFINE_string("model", None, "Model PATH (default: the embedded SmolLM2-135M-Instruct).")
 _PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 128, "Prompt length in tokens.")
@@ -36,7 +36,8 @@ def main(argv):
   import torch
   import transformers
 
-  from anita_jax import generate, loading
+  from anita_jax.infer import generate
+  from anita_jax.convert import loading
   path = _MODEL.value or loading.embedded_default_path()
   b, p, n, r = _BATCH.value, _PROMPT_TOKENS.value, _NEW_TOKENS.value, _REPEATS.value
   net, params, tokenizer, config = loading.load_model(path, dtype=_DTYPE.value)

@@ -17,7 +17,7 @@ import time
 
 from absl import flags
 
-from anita_jax import cli
+from anita_jax.apps import cli
 
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to measure.")
 _QUANTS = flags.DEFINE_list("quants", ["none", "nf4"], "Frozen weight formats for anita-jax.")
@@ -41,7 +41,7 @@ def peak_flops(dtype) -> float:
 
 
 def model_flops(config) -> float:
-  from anita_jax import lora
+  from anita_jax.model import lora
   dims = lora.projection_dims(config).values()
   frozen = config.num_layers * sum(i * o for i, o in dims) + config.vocab_size * config.hidden_size
   adapters = config.num_layers * sum(RANK * (i + o) for i, o in dims)
@@ -86,7 +86,9 @@ def time_ours(dtype: str, quant: str, steps: int):
   import jax
   import numpy as np
 
-  from anita_jax import sharding, stage_config, train
+  from anita_jax.model import sharding
+  from anita_jax.train import config as stage_config
+  from anita_jax.train import loop as train
   c = stage_config.stage_config(_STAGE.value)
   c.model.dtype, c.quant.type = dtype, quant
   c.lora.rank, c.lora.alpha = RANK, 32.0
@@ -122,7 +124,7 @@ def time_trl(dtype: str, steps: int) -> float:
   import transformers
   import trl
 
-  from anita_jax import loading
+  from anita_jax.convert import loading
   path = loading.embedded_default_path()
   torch_dtype = getattr(torch, dtype)
   gguf_model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path),

@@ -2,7 +2,7 @@
 
 from absl import flags
 
-from anita_jax import cli
+from anita_jax.apps import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (scripts/train.py).", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "The directory to write (replaced atomically).", required=True)
@@ -17,7 +17,7 @@ cli.define_distributed_flags()
 
 def main(argv):
   del argv
-  from anita_jax import workdir
+  from anita_jax.train import workdir
   cli.initialize_distributed()
   workdir.export_workdir(_WORKDIR.value, _OUTPUT.value, merged=_MERGED.value, adapter=_ADAPTER.value,
                          dtype=_DTYPE.value, merge_into=_MERGE_INTO.value)

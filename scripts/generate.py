@@ -2,8 +2,8 @@
 
 from absl import flags
 
-from anita_jax import cli
-from anita_jax import generate
+from anita_jax.apps import cli
+from anita_jax.infer import generate
 
 _MODEL = flags.DEFINE_string("model", None, "Model PATH (default: the embedded SmolLM2-135M-Instruct GGUF).")
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt (or use --prompts_file).")

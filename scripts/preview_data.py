@@ -4,7 +4,7 @@ chosen_ids, rejected_ids, text). python scripts/preview_data.py --config=configs
 from absl import flags
 from ml_collections import config_flags
 
-from anita_jax import cli
+from anita_jax.apps import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A stage config: configs/FILE.py:ARG.", lock_config=True)
 _NUM = flags.DEFINE_integer("num_examples", 3, "Examples to print (in file order, before shuffling).")
@@ -12,7 +12,7 @@ _NUM = flags.DEFINE_integer("num_examples", 3, "Examples to print (in file order
 
 def main(argv):
   del argv
-  from anita_jax import data
+  from anita_jax.data import rows as data
   data.preview_main(cli.stage_config(_CONFIG.value, "--config"), _NUM.value)
 
 

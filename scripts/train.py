@@ -3,7 +3,7 @@
 from absl import flags
 from ml_collections import config_flags
 
-from anita_jax import cli
+from anita_jax.apps import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A stage config: configs/FILE.py:ARG.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config.json go.", required=True)
@@ -12,7 +12,7 @@ cli.define_distributed_flags()
 
 def main(argv):
   del argv
-  from anita_jax import train
+  from anita_jax.train import loop as train
   cli.initialize_distributed()
   train.train_and_evaluate(cli.stage_config(_CONFIG.value, "--config"), _WORKDIR.value)
 

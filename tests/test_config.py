@@ -6,7 +6,7 @@ import os
 import pytest
 import transformers
 
-from anita_jax import config as cfg
+from anita_jax.model import config as cfg
 from anita_jax.errors import UserError
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "hf_configs")

@@ -12,7 +12,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from anita_jax import loading
+from anita_jax.convert import loading
 from anita_jax.convert import gguf as gguf_convert
 from anita_jax.errors import UserError
 
@@ -73,7 +73,7 @@ def test_hf_dir_import_equals_gguf_import(smollm2_gguf, smollm2_hf_dir, referenc
 def test_gguf_config_and_tokenizer_come_from_the_file(smollm2_gguf):
   import gguf
   config = gguf_convert.gguf_config(gguf.GGUFReader(smollm2_gguf), smollm2_gguf)
-  from anita_jax.config import PRESETS
+  from anita_jax.model.config import PRESETS
   assert config == PRESETS["smollm2-135m"]
   tokenizer = loading.load_tokenizer(smollm2_gguf)
   text = tokenizer.apply_chat_template([{"role": "user", "content": "Ciao"}], tokenize=False,

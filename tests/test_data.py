@@ -1,4 +1,4 @@
-"""anita_jax.data / anita_jax.preference against transformers' chat templates, TRL 1.16 and plain numpy."""
+"""anita_jax.data.rows / anita_jax.data.preference against transformers' chat templates, TRL 1.16 and plain numpy."""
 
 import copy
 import json
@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from anita_jax import data, preference
+from anita_jax.data import rows as data
+from anita_jax.data import preference
 from anita_jax.errors import UserError
 
 # Meta-Llama-3-8B-Instruct's chat template, verbatim from its tokenizer_config.json.
@@ -46,7 +47,7 @@ CHAT = [
 
 @pytest.fixture(scope="module")
 def smol():
-  from anita_jax.loading import embedded_default_path, load_tokenizer
+  from anita_jax.convert.loading import embedded_default_path, load_tokenizer
   return load_tokenizer(embedded_default_path())
 
 

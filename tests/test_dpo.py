@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from anita_jax import sharding as S
-from anita_jax import train as T
+from anita_jax.model import sharding as S
+from anita_jax.train import loop as T
 
 ROWS = [
     ("Qual è la capitale della Francia?", "La capitale della Francia è Parigi.", "La capitale della Francia è Lione."),

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from anita_jax import evaluate as E
-from anita_jax.generate import SamplingSpec
+from anita_jax.infer import evaluate as E
+from anita_jax.infer.generate import SamplingSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # |ours - HFLM| <= ATOL + RTOL * |HFLM| per sample: absolute for short continuations, relative

@@ -18,11 +18,13 @@ import transformers
 from safetensors import safe_open
 from test_model import TINY, our_params, reference_model, rel_err
 
-from anita_jax import export, loading, lora
-from anita_jax import model as M
+from anita_jax.convert import export
+from anita_jax.convert import loading
+from anita_jax.model import lora
+from anita_jax.model import llama as M
 from anita_jax.convert import hf
 from anita_jax.errors import UserError
-from anita_jax.quant import QuantSpec, quantize
+from anita_jax.model.quant import QuantSpec, quantize
 
 NF4 = QuantSpec("nf4")
 SPEC = lora.make_spec(8, 16)  # all seven projections

@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from anita_jax import generate as G
-from anita_jax import loading
+from anita_jax.infer import generate as G
+from anita_jax.convert import loading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Qual è la capitale d'Italia?"

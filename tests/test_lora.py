@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_model import TINY, our_params, reference_model, rel_err
 
-from anita_jax import lora
-from anita_jax import model as M
+from anita_jax.model import lora
+from anita_jax.model import llama as M
 from anita_jax.convert import hf
 from anita_jax.errors import UserError
 
@@ -127,7 +127,7 @@ def test_bad_lora_settings_name_the_field(kwargs, field):
 def test_peft_adapter_directory_is_a_model_path(tiny_hf_dir, tmp_path):
   import transformers
 
-  from anita_jax import loading
+  from anita_jax.convert import loading
   base = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
   model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
                                                     task_type="CAUSAL_LM"))
@@ -152,7 +152,7 @@ def test_adapter_gradients_match_peft(config, tmp_path):
   Both backward passes of ours are written by hand (`model.lora_delta`, the fused head of
   `losses.head_token_stats`), so they are checked against an independent autodiff here.
   """
-  from anita_jax import train
+  from anita_jax.train import loop as train
   spec = lora.make_spec(4, 8)
   model = peft_model(config, spec)
   adapters = adapters_of(model, config, spec, tmp_path / "adapters")

@@ -15,7 +15,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from trl import DPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head
 
-from anita_jax import losses
+from anita_jax.model import losses
 from anita_jax.errors import UserError
 
 RTOL = 1e-6

@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers
 
-from anita_jax import config as cfg
-from anita_jax import model as M
+from anita_jax.model import config as cfg
+from anita_jax.model import llama as M
 from anita_jax.convert import hf
 
 TINY = cfg.PRESETS["tiny"]

@@ -1,4 +1,4 @@
-"""anita_jax.quant against bitsandbytes (NF4, double quantization) and float64 numpy (int4).
+"""anita_jax.model.quant against bitsandbytes (NF4, double quantization) and float64 numpy (int4).
 
 bitsandbytes works on the HF layout [O, I]; our kernels are its transpose [I, O]. Its
 packed bytes, flattened row-major over [O, I/2], are our codes [I/2, O] transposed.
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import torch
 from bitsandbytes import functional as bnbf
 
-from anita_jax import quant
+from anita_jax.model import quant
 from anita_jax.errors import UserError
 
 NF4 = quant.QuantSpec("nf4", 64, double_quant=False)
@@ -306,9 +306,9 @@ def test_compiled_nf4_memory_does_not_grow_with_layers():
   stream only, far less than one layer of dequantized weights."""
   import dataclasses
 
-  from anita_jax import config as cfg
-  from anita_jax import lora
-  from anita_jax import model as M
+  from anita_jax.model import config as cfg
+  from anita_jax.model import lora
+  from anita_jax.model import llama as M
   base = cfg.PRESETS["smollm2-135m"]
   tokens = jnp.zeros((4, 256), jnp.int32)
   temps = {}

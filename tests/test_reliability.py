@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from anita_jax import train as T
-from anita_jax import workdir as W
+from anita_jax.train import loop as T
+from anita_jax.train import workdir as W
 from anita_jax.errors import UserError
-from anita_jax.report import read_metrics
+from anita_jax.apps.report import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +38,7 @@ FAULTY = textwrap.dedent('''
       os.kill(os.getpid(), signal.SIGKILL)
 
     if point in ("step", "sigterm"):  # just after the n-th step is dispatched (it is still running)
-      from anita_jax import train
+      from anita_jax.train import loop as train
       compile_step = train.compile_step
       def patched(*args, **kwargs):
         step = compile_step(*args, **kwargs)
@@ -58,7 +58,7 @@ FAULTY = textwrap.dedent('''
         return await finalize(self, *args, **kwargs)
       atomicity.AtomicRenameTemporaryPath.finalize = patched
     elif point == "saved":  # right after a checkpoint is complete
-      from anita_jax import checkpoint
+      from anita_jax.train import checkpoint
       save = checkpoint.Checkpoints.save
       def patched(self, *args, **kwargs):
         save(self, *args, **kwargs)
@@ -66,7 +66,7 @@ FAULTY = textwrap.dedent('''
           die()
       checkpoint.Checkpoints.save = patched
     elif point == "metrics":  # half-way through writing a metrics.jsonl row
-      from anita_jax import metrics
+      from anita_jax.train import metrics
       write = metrics.MetricsWriter.write
       def patched(self, step, values):
         if reached():
@@ -310,7 +310,7 @@ def test_unknown_config_fields_and_wrong_types_are_one_error_line(tmp_path, flag
 
 
 def test_tokenizer_code_in_a_checkpoint_is_never_run(tiny_hf_dir, tmp_path):
-  from anita_jax import loading
+  from anita_jax.convert import loading
   model_dir = tmp_path / "model"
   shutil.copytree(tiny_hf_dir, model_dir)
   config = json.loads((model_dir / "tokenizer_config.json").read_text())

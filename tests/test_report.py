@@ -9,8 +9,8 @@ import torch
 import transformers
 from PIL import Image
 
-from anita_jax import loading
-from anita_jax import report as R
+from anita_jax.convert import loading
+from anita_jax.apps import report as R
 
 TEXTS = [
     "Il Po è il fiume più lungo d'Italia: nasce dal Monviso e sfocia nel mare Adriatico.",

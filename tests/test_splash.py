@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anita_jax import config as cfg
-from anita_jax import model as M
-from anita_jax import sharding as S
-from anita_jax import splash as SP
-from anita_jax import stage_config
+from anita_jax.model import config as cfg
+from anita_jax.model import llama as M
+from anita_jax.model import sharding as S
+from anita_jax.model import splash as SP
+from anita_jax.train import config as stage_config
 from anita_jax.errors import UserError
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}

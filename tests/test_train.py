@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from anita_jax import lora as LA
-from anita_jax import train as T
-from anita_jax import workdir as W
+from anita_jax.model import lora as LA
+from anita_jax.train import loop as T
+from anita_jax.train import workdir as W
 from anita_jax.errors import UserError
 
 
@@ -119,7 +119,7 @@ def test_bad_settings_fail_before_any_checkpoint(demo_config, tiny_hf_dir, tmp_p
 
 
 def test_exporting_a_workdir_without_checkpoint_is_an_error(demo_config, tiny_hf_dir, tmp_path):
-  from anita_jax import workdir as W
+  from anita_jax.train import workdir as W
   empty = tmp_path / "w"
   (empty / "checkpoints").mkdir(parents=True)
   (empty / "config.json").write_text(json.dumps(sft_config(demo_config, tiny_hf_dir).to_dict()))

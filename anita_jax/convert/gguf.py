@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from anita_jax.config import ModelConfig
+from anita_jax.model.config import ModelConfig
 from anita_jax.convert import hf
 from anita_jax.errors import UserError
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 from safetensors import safe_open
 
-from anita_jax.config import ModelConfig, load_hf_config
+from anita_jax.model.config import ModelConfig, from_hf
 from anita_jax.errors import UserError
 
 # HF name (layer part as {i}) -> (our path below a layer or the root, transpose).
@@ -189,3 +189,14 @@ def to_hf_tensors(config: ModelConfig, params: dict, *, scan_layers: bool = True
       node = node[key]
     array = np.asarray(node[layer] if (layer is not None and scan_layers) else node)
     yield name, np.ascontiguousarray(array.T if transpose else array)
+
+
+def load_hf_config(directory: str) -> ModelConfig:
+  path = os.path.join(directory, "config.json")
+  if not os.path.isfile(path):
+    raise UserError(f"{path}: no config.json in the model directory")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return from_hf(json.load(f), source=path)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path}: not valid JSON ({e})") from None

@@ -33,29 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anita_jax import quant as Q
-from anita_jax import splash as SP
-from anita_jax.config import ModelConfig
+from anita_jax.model import quant as Q
+from anita_jax.model import splash as SP
+from anita_jax.model.config import ATTENTION_KINDS, PROJECTIONS, REMAT_POLICIES, LoraSpec, ModelConfig  # noqa: F401
 
 Array = jax.Array
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_KINDS = ("dot", "splash")  # training/eval attention: plain [T, S] scores | blockwise Pallas kernel
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-  """A LoRA adapter on the projections named in `targets` (PEFT's semantics)."""
-
-  rank: int
-  alpha: float
-  dropout: float = 0.0
-  rslora: bool = False
-  targets: tuple[str, ...] = PROJECTIONS
-
-  @property
-  def scale(self) -> float:
-    return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
 def _remat_policy(name: str):

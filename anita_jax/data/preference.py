@@ -40,8 +40,9 @@ from collections.abc import Sequence
 import numpy as np
 from absl import logging
 
-from anita_jax import batching, data
-from anita_jax.data import Row
+from anita_jax.data import batching
+from anita_jax.data import rows as data
+from anita_jax.data.rows import Row
 from anita_jax.errors import UserError
 
 

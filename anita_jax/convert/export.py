@@ -24,11 +24,11 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from anita_jax import quant as Q
-from anita_jax.config import ModelConfig
+from anita_jax.model import quant as Q
+from anita_jax.model.config import ModelConfig
 from anita_jax.convert.hf import hf_shapes, to_hf_tensors
 from anita_jax.errors import UserError
-from anita_jax.model import LoraSpec
+from anita_jax.model.config import LoraSpec
 
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -282,7 +282,7 @@ def write_adapter(out_dir: str, adapters: dict, config: ModelConfig, spec: LoraS
 
   `adapters` holds `lora_a`/`lora_b` leaves (a full parameter tree with them will do).
   """
-  from anita_jax import lora
+  from anita_jax.model import lora
   with _target_dir(out_dir, atomic) as directory:
     lora.save_peft(directory, adapters, config, spec, base_model, scan_layers=scan_layers)
 

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from anita_jax import quant as Q
-from anita_jax.config import ModelConfig
+from anita_jax.model import quant as Q
+from anita_jax.model.config import ModelConfig
 from anita_jax.errors import UserError
-from anita_jax.model import PROJECTIONS, LoraSpec
+from anita_jax.model.config import PROJECTIONS, LoraSpec
 
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}

@@ -48,7 +48,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as SM
 from jax.sharding import PartitionSpec as P
 
-from anita_jax.sharding import BATCH_AXES
+from anita_jax.model.sharding import BATCH_AXES
 
 LANES = 128  # the kernel's kv tiles are multiples of this
 MAX_BLOCK = 512  # MaxText's default splash tile; [512, 512] fp32 scores are 1 MiB of VMEM

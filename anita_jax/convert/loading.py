@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from anita_jax.config import ModelConfig
+from anita_jax.model.config import ModelConfig
 from anita_jax.errors import UserError
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,10 +60,9 @@ def load_config(path: str) -> ModelConfig:
       raise UserError(f"{local}: not a model (expected a .gguf file or an HF model directory)")
     from anita_jax.convert import gguf
     return gguf.gguf_config(gguf._reader(local), local)
-  from anita_jax.config import load_hf_config
   if not os.path.isdir(local):
     raise UserError(f"{local}: no such model directory")
-  return load_hf_config(local)
+  return hf.load_hf_config(local)
 
 
 def load_tokenizer(path: str):
@@ -101,8 +100,8 @@ def leaf_transform(quant=None, dtype: str = "float32", place=None):
   import jax
   import jax.numpy as jnp
 
-  from anita_jax import quant as Q
-  from anita_jax.model import PROJECTIONS
+  from anita_jax.model import quant as Q
+  from anita_jax.model.config import PROJECTIONS
   spec = quant or Q.QuantSpec()
   place = place or (lambda path, leaf: jax.device_put(leaf))
 
@@ -125,10 +124,10 @@ def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: 
   import jax
   import jax.numpy as jnp
 
-  from anita_jax import lora
-  from anita_jax import quant as Q
-  from anita_jax import workdir as W
-  from anita_jax.model import Llama, unstack_layers
+  from anita_jax.model import lora
+  from anita_jax.model import quant as Q
+  from anita_jax.train import workdir as W
+  from anita_jax.model.llama import Llama, unstack_layers
   if dtype is not None and dtype not in DTYPES:
     raise UserError(f"--dtype={dtype}: expected one of {', '.join(DTYPES)}")
   if isinstance(quant, str):
@@ -169,7 +168,7 @@ def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: 
 
 
 def _one_device_mesh():
-  from anita_jax import sharding
+  from anita_jax.model import sharding
   return sharding.make_mesh(1, 1, 1)
 
 

@@ -11,7 +11,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from anita_jax.errors import UserError
-from anita_jax.model import ATTENTION_KINDS, PROJECTIONS, REMAT_POLICIES
+from anita_jax.model.config import ATTENTION_KINDS, PROJECTIONS, REMAT_POLICIES
 
 STAGES = ("sft", "dpo", "lm")
 

@@ -1,6 +1,6 @@
 """Training losses: next-token cross-entropy (SFT) and DPO, as transformers and TRL 1.16 compute them.
 
-Shape legend as in `anita_jax.model`: B batch, T length, V vocab.
+Shape legend as in `anita_jax.model.llama`: B batch, T length, V vocab.
 
 Alignment: `logits[:, t]` predicts `input_ids[:, t + 1]`, while a mask (`loss_mask`,
 a DPO completion mask) marks the *target* token t. Per-token values here are

@@ -14,7 +14,7 @@ import os
 import jax
 import ml_collections
 
-from anita_jax import loading
+from anita_jax.convert import loading
 from anita_jax.errors import UserError
 
 
@@ -28,7 +28,7 @@ def is_workdir(path: str) -> bool:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  from anita_jax import stage_config
+  from anita_jax.train import config as stage_config
   path = os.path.join(workdir, "config.json")
   try:
     with open(path, encoding="utf-8") as f:
@@ -59,8 +59,8 @@ def base_model_path(c: ml_collections.ConfigDict) -> str:
 
 def load_trained(workdir: str, mesh=None, config: ml_collections.ConfigDict | None = None):
   """(Stage, restored state) of a workdir's latest checkpoint (optionally with its config changed)."""
-  from anita_jax import checkpoint as ckpt
-  from anita_jax import train
+  from anita_jax.train import checkpoint as ckpt
+  from anita_jax.train import loop as train
   if not is_workdir(workdir):
     raise UserError(f"{workdir}: not a training workdir (no config.json and checkpoints/)")
   c = config or read_config(workdir)
@@ -79,7 +79,7 @@ def merged_params(stage, state, merge_into: str = "dequantized", dtype: str = "f
   """A trained stage's base plus its adapter as plain arrays on the host (see `lora.merge`)."""
   import jax.numpy as jnp
 
-  from anita_jax import lora
+  from anita_jax.model import lora
   params = lora.combine(state["params"], stage.frozen)
   if merge_into == "original":
     # The previous base in full precision plus this stage's delta, as the ANITA scripts merged.
@@ -115,7 +115,7 @@ def generation_defaults(c: ml_collections.ConfigDict) -> dict:
 def export_workdir(workdir: str, out: str, *, merged: bool = True, adapter: bool = True, dtype: str = "bfloat16",
                    merge_into: str = "dequantized") -> None:
   """scripts/export_hf.py: OUT/ (merged model) and OUT/adapter/ (PEFT), written atomically as one directory."""
-  from anita_jax import export
+  from anita_jax.convert import export
   if merge_into not in ("dequantized", "original"):
     raise UserError(f"--merge_into={merge_into}: expected dequantized or original")
   if not (merged or adapter):
@@ -147,7 +147,7 @@ def export_workdir(workdir: str, out: str, *, merged: bool = True, adapter: bool
 
 def merged_model(workdir: str, merge_into: str = "dequantized") -> str:
   """The cached merged model of a finished stage, written on first use."""
-  from anita_jax import export
+  from anita_jax.convert import export
   out = os.path.join(os.path.abspath(workdir), "merged" if merge_into == "dequantized" else "merged-original")
   if os.path.isfile(os.path.join(out, "config.json")):
     return out

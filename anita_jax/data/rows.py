@@ -5,7 +5,7 @@ Rows come from local JSON / JSONL / parquet files, directories of them, or hub d
 "ID[SPLIT]:ROW" for the hub), so every error names the file, the 1-based row and the field.
 
 Formats (`fmt`), auto-detected per source from the first row's columns:
-  preference         chosen + rejected (+ prompt): DPO, see `anita_jax.preference`
+  preference         chosen + rejected (+ prompt): DPO, see `anita_jax.data.preference`
   messages           messages: [{role, content}, ...]
   prompt_completion  prompt + completion: strings (one user and one assistant turn) or message lists
   alpaca             instruction + output (+ input, + system)
@@ -14,7 +14,7 @@ Formats (`fmt`), auto-detected per source from the first row's columns:
 Token convention: `loss_mask[t] = 1` means token t is a target, scored against the model's output
 at t - 1. So the first token of every sequence (packed or not) is never a target.
 
-Batches (packing, shuffling, process shares, resumable state): `anita_jax.batching`, whose
+Batches (packing, shuffling, process shares, resumable state): `anita_jax.data.batching`, whose
 `BatchIterator` is re-exported here.
 """
 
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from anita_jax.batching import BatchIterator, build_batch, epoch_rng, pack  # noqa: F401 - part of this API
+from anita_jax.data.batching import BatchIterator, build_batch, epoch_rng, pack  # noqa: F401 - part of this API
 from anita_jax.errors import UserError
 
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "text", "preference")
@@ -318,7 +318,7 @@ def validate_row(row: Row, fmt: str) -> None:
   if fmt == "text":
     string(row, "text", field(row, "text"))
   elif fmt == "preference":
-    from anita_jax import preference
+    from anita_jax.data import preference
     preference.preference_parts(row)
   elif fmt in FORMATS[1:]:
     conversation(row, fmt)
@@ -512,7 +512,7 @@ def encode_dataset(rows: Sequence[Row], tokenizer, *, max_length: int, mask: str
 
 def preview_records(examples: Sequence, tokenizer) -> list[dict]:
   """What the trainer consumes, per example, as JSON-ready dicts (special tokens kept in `text`)."""
-  from anita_jax import preference
+  from anita_jax.data import preference
   records = []
   for ex in examples:
     if isinstance(ex, preference.PreferenceExample):
@@ -529,7 +529,10 @@ def preview_main(c, num_examples: int) -> None:
   import json
   import sys
 
-  from anita_jax import loading, preference, stage_config, workdir
+  from anita_jax.convert import loading
+  from anita_jax.data import preference
+  from anita_jax.train import config as stage_config
+  from anita_jax.train import workdir
   stage_config.validate(c)
   tokenizer = loading.load_tokenizer(c.model.tokenizer or workdir.model_path(c.model.path))
   rows = load_rows([s.strip() for s in c.data.train.split(",") if s.strip()], split=c.data.split,

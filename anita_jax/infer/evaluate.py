@@ -37,8 +37,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models import utils as model_utils
 from tqdm import tqdm
 
-from anita_jax import generate as G
-from anita_jax import quant as Q
+from anita_jax.infer import generate as G
+from anita_jax.model import quant as Q
 from anita_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,8 @@ class JaxLM(TemplateLM):
   def from_path(cls, path: str, *, dtype: str | None = None, quant: str | None = None, scan_layers: bool = True,
                 **kwargs) -> JaxLM:
     """Loads a model PATH (see `loading.load_model`); kwargs go to the constructor."""
-    from anita_jax import loading
-    from anita_jax.quant import QuantSpec
+    from anita_jax.convert import loading
+    from anita_jax.model.quant import QuantSpec
     # None keeps a workdir's own dtype and quantization (plain models: float32, unquantized).
     model, params, tokenizer, config = loading.load_model(path, dtype=dtype, quant=quant and QuantSpec(quant),
                                                           scan_layers=scan_layers)
@@ -270,7 +270,7 @@ class JaxLM(TemplateLM):
 
   def generator(self) -> G.Generator:
     if self._generator is None:
-      from anita_jax import loading
+      from anita_jax.convert import loading
       self._generator = G.Generator(self.model, self.params, self.tokenizer,
                                     loading.stop_token_ids(self.tokenizer, self.config), self.max_length,
                                     batch_size=self.batch_size)
@@ -405,7 +405,7 @@ def main(*, model: str | None, tasks: Sequence[str], output: str, num_fewshot: i
   """scripts/evaluate.py: check the tasks, load the model, run lm-eval, write `output`."""
   from lm_eval.utils import make_table
 
-  from anita_jax import loading
+  from anita_jax.convert import loading
   if not output:
     raise UserError("--output: required (FILE.json)")
   if limit is not None and limit < 1:
@@ -413,7 +413,7 @@ def main(*, model: str | None, tasks: Sequence[str], output: str, num_fewshot: i
   manager = task_manager(include_path)
   tasks = check_tasks(tasks, manager)
   path = model or loading.embedded_default_path()
-  from anita_jax import workdir
+  from anita_jax.train import workdir
   if dtype is None and not workdir.is_workdir(path):  # a workdir has its own dtype
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   lm = JaxLM.from_path(path, dtype=dtype, quant=quant, batch_size=batch_size, max_length=max_length)

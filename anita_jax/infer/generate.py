@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anita_jax.errors import UserError
-from anita_jax.model import Llama, init_cache
+from anita_jax.model.llama import Llama, init_cache
 
 MIN_BUCKET = 16
 
@@ -217,17 +217,17 @@ def main(*, model, prompt, prompts_file, system, chat, max_new_tokens, temperatu
 
   import jax
 
-  from anita_jax import loading
+  from anita_jax.convert import loading
   if (prompt is None) == (prompts_file is None):
     raise UserError("give exactly one of --prompt and --prompts_file")
   if prompt is not None and not prompt.strip():
     raise UserError("--prompt is empty")
   rows = read_prompts_file(prompts_file) if prompts_file else [{"prompt": prompt, "system": system}]
   path = model or loading.embedded_default_path()
-  from anita_jax import workdir
+  from anita_jax.train import workdir
   if dtype is None and not workdir.is_workdir(path):  # a workdir has its own dtype
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  from anita_jax.quant import QuantSpec
+  from anita_jax.model.quant import QuantSpec
   # Layers unrolled: a scanned decode step re-slices every layer's weights from the stacks.
   net, params, tokenizer, config = loading.load_model(path, dtype=dtype, quant=quant and QuantSpec(quant),
                                                       scan_layers=False)

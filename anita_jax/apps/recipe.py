@@ -15,13 +15,13 @@ import time
 import jax
 import ml_collections
 
-from anita_jax import report
-from anita_jax import train
-from anita_jax import workdir as W
+from anita_jax.apps import report
+from anita_jax.train import loop as train
+from anita_jax.train import workdir as W
 from anita_jax.errors import UserError
 
 STAGES = ("sft", "dpo", "lm")
-DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_data")
+DEMO_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_data")
 
 
 def _say(message: str) -> None:

@@ -1,10 +1,10 @@
-"""Architecture of a LLaMA-3 family model, presets, and the HF config.json mapping."""
+"""Architecture of a LLaMA-3 family model, presets, the HF config.json mapping, and the
+allowed values of the model's options. Plain Python: importable without JAX."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import math
 from typing import Any
 
 from anita_jax.errors import UserError
@@ -136,17 +136,6 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
   )
 
 
-def load_hf_config(directory: str) -> ModelConfig:
-  path = os.path.join(directory, "config.json")
-  if not os.path.isfile(path):
-    raise UserError(f"{path}: no config.json in the model directory")
-  try:
-    with open(path, encoding="utf-8") as f:
-      return from_hf(json.load(f), source=path)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UserError(f"{path}: not valid JSON ({e})") from None
-
-
 _LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
     num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5,
@@ -180,3 +169,23 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
         eos_token_ids=(2,)),
 }
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_KINDS = ("dot", "splash")  # training/eval attention: plain [T, S] scores | blockwise Pallas kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """A LoRA adapter on the projections named in `targets` (PEFT's semantics)."""
+
+  rank: int
+  alpha: float
+  dropout: float = 0.0
+  rslora: bool = False
+  targets: tuple[str, ...] = PROJECTIONS
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)

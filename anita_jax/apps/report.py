@@ -35,8 +35,12 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from anita_jax import batching, data, loading, losses, preference
-from anita_jax import generate as G
+from anita_jax.data import batching
+from anita_jax.data import rows as data
+from anita_jax.convert import loading
+from anita_jax.model import losses
+from anita_jax.data import preference
+from anita_jax.infer import generate as G
 from anita_jax.errors import UserError
 
 DPO_BETA = 0.1  # of both recipes' dpo stage: the margin is in the units of its rewards/margins
@@ -160,7 +164,7 @@ def evaluate_model(path: str, data_dir: str, *, dtype: str | None = None, quant=
     `dtype` / `quant` say otherwise; anything else defaults to float32 and no quantization).
   data_dir: holds `texts` (Italian text rows), `pairs` (preference rows) and `prompts`.
   """
-  from anita_jax import workdir as W
+  from anita_jax.train import workdir as W
   files = [os.path.join(data_dir, name) for name in (texts, pairs, prompts)]
   for file in files:
     if not os.path.isfile(file):

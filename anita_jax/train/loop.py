@@ -30,19 +30,19 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from anita_jax import checkpoint as ckpt
-from anita_jax import data as D
-from anita_jax import loading
-from anita_jax import lora as LA
-from anita_jax import losses
-from anita_jax import preference
-from anita_jax import quant as Q
-from anita_jax import sharding as S
-from anita_jax import stage_config
-from anita_jax import workdir as W
+from anita_jax.train import checkpoint as ckpt
+from anita_jax.data import rows as D
+from anita_jax.convert import loading
+from anita_jax.model import lora as LA
+from anita_jax.model import losses
+from anita_jax.data import preference
+from anita_jax.model import quant as Q
+from anita_jax.model import sharding as S
+from anita_jax.train import config as stage_config
+from anita_jax.train import workdir as W
 from anita_jax.errors import Preempted, UserError
-from anita_jax.metrics import MetricsWriter
-from anita_jax.model import Llama
+from anita_jax.train.metrics import MetricsWriter
+from anita_jax.model.llama import Llama
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,14 +37,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from anita_jax import loading
-from anita_jax import lora as LA
-from anita_jax import quant as Q
-from anita_jax import sharding as S
-from anita_jax import splash
-from anita_jax import stage_config
-from anita_jax import train
-from anita_jax.config import PRESETS, ModelConfig
+from anita_jax.convert import loading
+from anita_jax.model import lora as LA
+from anita_jax.model import quant as Q
+from anita_jax.model import sharding as S
+from anita_jax.model import splash
+from anita_jax.train import config as stage_config
+from anita_jax.train import loop as train
+from anita_jax.model.config import PRESETS, ModelConfig
 from anita_jax.errors import UserError
 
 
