@@ -14,7 +14,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before JAX is imported: this ho
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from anita_jax import cli  # noqa: E402
+from anita_jax import files  # noqa: E402
+from anita_jax.apps import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A stage config: configs/FILE.py:ARG.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology CHIP:AxB[xC], CHIP one of v4, v5e, v5p, v6e "
@@ -40,7 +41,7 @@ def main(argv):
     report["fit_trials"] = trials
   print(json.dumps(report, indent=2, sort_keys=True))
   if _OUTPUT.value:
-    aot.write_json(_OUTPUT.value, report)
+    files.write_json(_OUTPUT.value, report)
 
 
 if __name__ == "__main__":

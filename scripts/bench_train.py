@@ -86,17 +86,20 @@ def time_ours(dtype: str, quant: str, steps: int):
   import jax
   import numpy as np
 
-  from anita_jax.model import sharding
   from anita_jax.train import config as stage_config
-  from anita_jax.train import loop as train
+  from anita_jax.train import state as ST
+  from anita_jax.train import step as STEP
+  from anita_jax.train import workdir as W
+  from anita_jax.train.optim import make_optimizer
   c = stage_config.stage_config(_STAGE.value)
   c.model.dtype, c.quant.type = dtype, quant
   c.lora.rank, c.lora.alpha = RANK, 32.0
   c.train.batch_size = B if _STAGE.value == "sft" else B // 2
   c.mesh.data = 1
-  stage = train.build_stage(c)
-  tx, _ = train.make_optimizer(c, 100)
-  step = train.compile_step(stage, tx, sharding.batch_sharding(stage.mesh, 3, leading=1))
+  c = stage_config.freeze(c)
+  stage = ST.build_stage(c, W.base_model_path(c))
+  tx, _ = make_optimizer(c.train, 100)
+  step = STEP.compile_step(stage, tx, STEP.data_shardings(stage))
   if _STAGE.value == "dpo":
     ids, mask = dpo_batch(stage.tokenizer)
   else:

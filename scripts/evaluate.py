@@ -8,7 +8,7 @@ FILE.json holds lm-eval's results per task and metric, the task configs, and per
 from absl import flags
 
 from anita_jax.apps import cli
-from anita_jax.infer import evaluate
+from anita_jax.apps import evaluate
 
 _MODEL = flags.DEFINE_string("model", None, "Model PATH (default: the embedded SmolLM2-135M-Instruct GGUF).")
 _TASKS = flags.DEFINE_list("tasks", None, "Comma-separated lm-eval task, group or tag names (or YAML files).")

@@ -3,7 +3,7 @@
 from absl import flags
 
 from anita_jax.apps import cli
-from anita_jax.infer import generate
+from anita_jax.apps import generate
 
 _MODEL = flags.DEFINE_string("model", None, "Model PATH (default: the embedded SmolLM2-135M-Instruct GGUF).")
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt (or use --prompts_file).")

@@ -9,6 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from anita_jax.data import batching
+from anita_jax.data import encode
 from anita_jax.data import rows as data
 from anita_jax.data import preference
 from anita_jax.errors import UserError
@@ -127,8 +129,8 @@ def error(fn, *args, **kwargs) -> str:
 def test_messages_ids_and_masks(template, smol, llama):
   tok = smol if template == "chatml" else llama
   r = row({"messages": CHAT}, "messages")
-  ids, mask_all = data.encode_example(r, "messages", tok, mask="all", max_length=4096)
-  _, mask_asst = data.encode_example(r, "messages", tok, mask="assistant", max_length=4096)
+  ids, mask_all = encode.encode_example(r, "messages", tok, mask="all", max_length=4096)
+  _, mask_asst = encode.encode_example(r, "messages", tok, mask="assistant", max_length=4096)
   assert ids == template_ids(tok, CHAT)
   assert mask_all == [0] + [1] * (len(ids) - 1)
   assert mask_asst == reference_mask(tok, CHAT, template)
@@ -140,37 +142,37 @@ def test_alpaca_and_prompt_completion_become_chats(smol):
   alpaca = {"system": "Be brief.", "instruction": "Translate.", "input": "Good morning", "output": "Buongiorno"}
   expected = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Translate.\n\nGood morning"},
               {"role": "assistant", "content": "Buongiorno"}]
-  assert data.encode_example(row(alpaca), "auto", smol, max_length=512)[0] == template_ids(smol, expected)
+  assert encode.encode_example(row(alpaca), "auto", smol, max_length=512)[0] == template_ids(smol, expected)
   no_system = {"system": "", "instruction": "Say hi.", "output": "Hi"}  # wizard_alpaca_dolly_orca's empty system
-  assert data.encode_example(row(no_system), "auto", smol, max_length=512)[0] == template_ids(
+  assert encode.encode_example(row(no_system), "auto", smol, max_length=512)[0] == template_ids(
       smol, [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi"}])
   pc = {"prompt": "2+2?", "completion": "4"}
-  assert data.encode_example(row(pc), "auto", smol, max_length=512)[0] == template_ids(
+  assert encode.encode_example(row(pc), "auto", smol, max_length=512)[0] == template_ids(
       smol, [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
 
 
 def test_text_format_special_tokens(smol, llama):
   text = "Il gatto dorme sul divano."
-  ids, mask = data.encode_example(row({"text": text}), "auto", llama, max_length=512)
+  ids, mask = encode.encode_example(row({"text": text}), "auto", llama, max_length=512)
   # ANITA's lm string: <|begin_of_text|> {text} <|eot_id|><|end_of_text|>
   assert ids == llama(f"<|begin_of_text|>{text}<|eot_id|><|end_of_text|>", add_special_tokens=False)["input_ids"]
   assert mask == [0] + [1] * (len(ids) - 1)
-  ids, _ = data.encode_example(row({"text": text}), "auto", smol, max_length=512)
+  ids, _ = encode.encode_example(row({"text": text}), "auto", smol, max_length=512)
   assert ids == smol(f"{text}<|im_end|><|endoftext|>", add_special_tokens=False)["input_ids"]
 
 
 def test_truncation_counts(smol):
   rows = [row({"text": "word " * n}, "text", number=i + 1) for i, n in enumerate([3, 40, 80])]
-  examples, stats = data.encode_dataset(rows, smol, max_length=30, truncation="truncate")
+  examples, stats = encode.encode_dataset(rows, smol, max_length=30, truncation="truncate")
   assert [len(e.input_ids) for e in examples] == [6, 30, 30]
   assert (stats.rows, stats.kept, stats.truncated, stats.dropped, stats.tokens) == (3, 3, 2, 0, 66)
-  examples, stats = data.encode_dataset(rows, smol, max_length=30, truncation="drop")
+  examples, stats = encode.encode_dataset(rows, smol, max_length=30, truncation="drop")
   assert (len(examples), stats.kept, stats.dropped) == (1, 1, 2)
 
 
 def test_preview_records(smol):
-  examples, _ = data.encode_dataset([row({"messages": CHAT}, "messages")], smol, max_length=512)
-  (record,) = data.preview_records(examples, smol)
+  examples, _ = encode.encode_dataset([row({"messages": CHAT}, "messages")], smol, max_length=512)
+  (record,) = [ex.preview(smol) for ex in examples]
   assert record["input_ids"] == template_ids(smol, CHAT)
   assert record["text"] == smol.apply_chat_template(CHAT, tokenize=False)
   assert len(record["loss_mask"]) == len(record["input_ids"])
@@ -279,9 +281,8 @@ def test_max_prompt_length_keeps_the_prompt_end(smol):
 
 def test_preference_preview(smol):
   ex = preference.encode_preference(row(CONV[0]), smol, max_length=512)
-  (record,) = data.preview_records([ex], smol)
+  record = ex.preview(smol)
   assert record["text"] == smol.apply_chat_template(CONV[0]["prompt"] + CONV[0]["chosen"], tokenize=False)
-  assert record["chosen_ids"] == ex.chosen_ids.tolist()
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +291,7 @@ def test_preference_preview(smol):
 
 def make_examples(lengths):
   """Example i holds tokens 1000 * (i + 1) + position, so every token names its example."""
-  return [data.Example(np.arange(n, dtype=np.int32) + 1000 * (i + 1), np.ones(n, np.int32)) for i, n in
+  return [encode.Example(np.arange(n, dtype=np.int32) + 1000 * (i + 1), np.ones(n, np.int32)) for i, n in
           enumerate(lengths)]
 
 
@@ -313,7 +314,7 @@ def check_packed_rows(batch, examples):
 
 def test_packing_layout():
   examples = make_examples([5, 3, 7, 2, 8, 1, 4, 6, 3, 2])
-  it = data.BatchIterator(examples, batch_size=2, max_length=10, seed=3, packing=True)
+  it = batching.BatchIterator(examples, batch_size=2, max_length=10, seed=3, packing=True)
   seen = []
   for _ in range(it.steps_per_epoch):
     seen += check_packed_rows(next(it), examples)
@@ -322,7 +323,7 @@ def test_packing_layout():
 
 def test_unpacked_rows_follow_the_seeded_shuffle():
   examples = make_examples(range(1, 9))
-  it = data.BatchIterator(examples, batch_size=4, max_length=8, seed=11)
+  it = batching.BatchIterator(examples, batch_size=4, max_length=8, seed=11)
   order = np.random.Generator(np.random.PCG64(np.random.SeedSequence([11, 0]))).permutation(8)
   batch = next(it)
   assert [int(b[0]) // 1000 - 1 for b in batch["input_ids"]] == order[:4].tolist()
@@ -340,13 +341,13 @@ def same(a, b):
 def test_iterator_determinism_resume_and_epochs():
   examples = make_examples([3, 5, 2, 7, 1, 4, 6, 2, 3])
   kw = dict(batch_size=2, max_length=8, packing=True)
-  first = batches(data.BatchIterator(examples, seed=5, **kw), 12)
-  assert same(first, batches(data.BatchIterator(examples, seed=5, **kw), 12))
-  assert not same(first, batches(data.BatchIterator(examples, seed=6, **kw), 12))
-  it = data.BatchIterator(examples, seed=5, **kw)
+  first = batches(batching.BatchIterator(examples, seed=5, **kw), 12)
+  assert same(first, batches(batching.BatchIterator(examples, seed=5, **kw), 12))
+  assert not same(first, batches(batching.BatchIterator(examples, seed=6, **kw), 12))
+  it = batching.BatchIterator(examples, seed=5, **kw)
   batches(it, 7)  # crosses into the next epoch(s)
   state = it.state()
-  resumed = data.BatchIterator(examples, seed=5, **kw)
+  resumed = batching.BatchIterator(examples, seed=5, **kw)
   resumed.restore(state)
   assert same(batches(resumed, 5), first[7:12])
   assert it.state()[0] >= 1
@@ -355,8 +356,8 @@ def test_iterator_determinism_resume_and_epochs():
 def test_process_shares_concatenate_to_the_global_batch():
   examples = make_examples([3, 5, 2, 7, 1, 4, 6, 2, 3, 5, 5, 1])
   kw = dict(batch_size=4, max_length=8, seed=2, packing=True)
-  whole = batches(data.BatchIterator(examples, **kw), 3)
-  shares = [batches(data.BatchIterator(examples, num_processes=2, process_index=p, **kw), 3) for p in range(2)]
+  whole = batches(batching.BatchIterator(examples, **kw), 3)
+  shares = [batches(batching.BatchIterator(examples, num_processes=2, process_index=p, **kw), 3) for p in range(2)]
   for g, a, b in zip(whole, *shares):
     for k in g:
       assert np.array_equal(g[k], np.concatenate([a[k], b[k]]))
@@ -373,7 +374,7 @@ def test_preference_process_shares(smol):
 
 
 def test_no_full_batch_is_an_error():
-  assert "not one full batch" in error(data.BatchIterator, make_examples([2, 3]), batch_size=4, max_length=8)
+  assert "not one full batch" in error(batching.BatchIterator, make_examples([2, 3]), batch_size=4, max_length=8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,7 +482,7 @@ def test_unknown_role_and_missing_final_assistant(tmp_path):
 def test_dataset_empty_after_filtering(tmp_path, smol):
   path = write(tmp_path / "long.jsonl", jsonl([{"text": "word " * 50}] * 3))
   rows = data.load_rows(path)
-  assert error(data.encode_dataset, rows, smol, max_length=16, truncation="drop").startswith(
+  assert error(encode.encode_dataset, rows, smol, max_length=16, truncation="drop").startswith(
       f"{path}: dataset left empty after filtering")
 
 
@@ -518,7 +519,7 @@ def test_property_assistant_mask(smol, llama, chat, max_length, which):
   reference = reference_mask(tok, chat, which)
   pieces = pieces_mask(tok, chat, FRAMES[which])
   assert pieces is None or pieces == reference
-  out = data.encode_example(row({"messages": chat}, "messages"), "messages", tok, mask="assistant",
+  out = encode.encode_example(row({"messages": chat}, "messages"), "messages", tok, mask="assistant",
                             max_length=max_length)
   if any(reference[:max_length]):
     assert out == (template_ids(tok, chat)[:max_length], reference[:max_length])
@@ -532,7 +533,7 @@ def test_property_assistant_mask(smol, llama, chat, max_length, which):
 def test_property_packing(lengths, max_length, batch_size, seed):
   examples = make_examples(lengths)
   try:
-    it = data.BatchIterator(examples, batch_size=batch_size, max_length=max_length, seed=seed, packing=True)
+    it = batching.BatchIterator(examples, batch_size=batch_size, max_length=max_length, seed=seed, packing=True)
   except UserError:  # fewer packed rows than one batch
     return
   steps = it.steps_per_epoch

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from anita_jax.model import sharding as S
+from anita_jax.train import config as C
 from anita_jax.train import loop as T
+from anita_jax.train import state as ST
+from anita_jax.train import step as STEP
+from anita_jax.train import workdir as W
+from anita_jax.train.optim import make_optimizer
 
 ROWS = [
     ("Qual è la capitale della Francia?", "La capitale della Francia è Parigi.", "La capitale della Francia è Lione."),
@@ -119,13 +124,13 @@ def test_base_reference_holds_no_second_copy(demo_config, tiny_hf_dir, pairs_fil
   sizes = {}
   for reference in ("base", "precomputed"):
     c = dpo_config(demo_config, tiny_hf_dir, pairs_file, **{"mesh.data": 1, "dpo.reference": reference})
-    stage = T.build_stage(c)
-    tx, _ = T.make_optimizer(c, 3)
+    stage = ST.build_stage(c, W.base_model_path(C.freeze(c)))
+    tx, _ = make_optimizer(c.train, 3)
     batch = {k: jax.ShapeDtypeStruct((1, 16, 32), np.int32)
              for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
     if reference == "precomputed":
       batch["ref_logps"] = jax.ShapeDtypeStruct((1, 16), np.float32)
-    step = T.compile_step(stage, tx, S.batch_sharding(stage.mesh, 3, leading=1) if reference == "base" else
+    step = STEP.compile_step(stage, tx, S.batch_sharding(stage.mesh, 3, leading=1) if reference == "base" else
                           {**{k: S.batch_sharding(stage.mesh, 3, leading=1) for k in batch if k != "ref_logps"},
                            "ref_logps": S.batch_sharding(stage.mesh, 2, leading=1)})
     compiled = step.lower(stage.state, stage.frozen, batch, jax.random.key(0)).compile()

@@ -339,6 +339,17 @@ def test_atomic_dir_refuses_a_file_and_cleans_up_on_error(tmp_path):
   assert _siblings(str(target)) == ["file"]
 
 
+def test_model_card_front_matter_reads_back_as_strings_and_the_body_stays_verbatim():
+  # YAML 1.1 reads a bare no / on as booleans; a hyperparameter holding jinja syntax must not be rendered.
+  stages = [{"name": "sft", "data": ["org/set", "local/rows.jsonl"], "template": "{{ x }} {% if y %}"}]
+  card = export.model_card("no", stages, "on")
+  meta = huggingface_hub.ModelCard(card).data
+  assert (meta.base_model, meta.license, meta.datasets) == ("no", "on", ["org/set"])
+  assert meta.tags == ["llama", "llama-3", "qlora", "lora", "merged", "sft"]
+  assert "| template | {{ x }} {% if y %} |" in card and "Data: `org/set`, `local/rows.jsonl`" in card
+  assert card.endswith("under its license: `on`.\n")
+
+
 # Refusals ------------------------------------------------------------------------------------------
 
 def test_unmerged_or_quantized_params_and_bad_settings_are_refused(tmp_path):

@@ -13,6 +13,7 @@ from test_model import TINY, our_params, reference_model, rel_err
 from anita_jax.model import lora
 from anita_jax.model import llama as M
 from anita_jax.convert import hf
+from anita_jax.convert import peft as peft_files
 from anita_jax.errors import UserError
 
 TIED = dataclasses.replace(TINY, tie_word_embeddings=True)
@@ -32,7 +33,7 @@ def peft_model(config, spec, seed=0):
 
 def adapters_of(model, config, spec, tmp_path):
   model.save_pretrained(str(tmp_path))
-  return lora.load_peft(str(tmp_path), config)[1]
+  return peft_files.load_peft(str(tmp_path), config)[1]
 
 
 def base_params(model, config):
@@ -95,7 +96,7 @@ def test_peft_files_round_trip_through_peft(tmp_path):
   spec = lora.make_spec(4, 8)
   model = peft_model(TINY, spec, seed=3)
   adapters = adapters_of(model, TINY, spec, tmp_path / "from_peft")
-  lora.save_peft(str(tmp_path / "ours"), adapters, TINY, spec, base_model="tiny")
+  peft_files.save_peft(str(tmp_path / "ours"), adapters, TINY, spec, base_model="tiny")
   reloaded = peft.PeftModel.from_pretrained(reference_model(TINY, seed=3), str(tmp_path / "ours")).eval()
   tokens = torch.tensor(np.random.RandomState(3).randint(0, TINY.vocab_size, (2, 11)))
   with torch.no_grad():
@@ -152,7 +153,7 @@ def test_adapter_gradients_match_peft(config, tmp_path):
   Both backward passes of ours are written by hand (`model.lora_delta`, the fused head of
   `losses.head_token_stats`), so they are checked against an independent autodiff here.
   """
-  from anita_jax.train import loop as train
+  from anita_jax.train import objective
   spec = lora.make_spec(4, 8)
   model = peft_model(config, spec)
   adapters = adapters_of(model, config, spec, tmp_path / "adapters")
@@ -170,8 +171,8 @@ def test_adapter_gradients_match_peft(config, tmp_path):
   batch = {"input_ids": jnp.asarray(tokens, jnp.int32), "loss_mask": jnp.asarray(seg, jnp.int32),
            "segment_ids": jnp.asarray(seg, jnp.int32),
            "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)}
-  step_spec = train.StepSpec(stage="sft", grad_accum=1, head_chunk=5)  # 5 does not divide 23
-  loss = lambda a: train.loss_fn(M.Llama(config, lora=spec), a, frozen, batch, None, step_spec, None)[0]
+  step_spec = objective.StepSpec(stage="sft", grad_accum=1, head_chunk=5)  # 5 does not divide 23
+  loss = lambda a: objective.Nll().loss(M.Llama(config, lora=spec), a, frozen, batch, None, step_spec, None)[0]
   got = lora.flatten(jax.jit(jax.grad(loss))(adapters))
   want = lora.flatten(want)
   assert got.keys() == want.keys()

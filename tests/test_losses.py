@@ -38,6 +38,13 @@ def torch_labels(batch):
   return torch.from_numpy(np.where(batch["loss_mask"] > 0, batch["input_ids"], -100).astype(np.int64))
 
 
+def sft_loss(logits, batch, num_tokens=None):
+  """(loss, target count): nll_terms over the logits path's token log-probs, divided as the sft
+  objective divides them (by the batch's own count, or by the whole step's for accumulation)."""
+  sum_nll, count = losses.nll_terms(losses.token_stats(logits, batch["input_ids"])[0], batch)
+  return sum_nll / (jnp.maximum(count, 1.0) if num_tokens is None else num_tokens), count
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_token_logprobs_matches_torch_log_softmax(dtype):
   logits, batch = lm_batch(0)
@@ -55,19 +62,19 @@ def test_token_logprobs_matches_torch_log_softmax(dtype):
 
 def test_cross_entropy_matches_transformers_causal_lm_loss():
   logits, batch = lm_batch(1)
-  loss, aux = jax.jit(losses.cross_entropy_loss)(jnp.asarray(logits), batch)
+  loss, count = jax.jit(sft_loss)(jnp.asarray(logits), batch)
   labels = torch_labels(batch)
   want = ForCausalLMLoss(torch.from_numpy(logits), labels, vocab_size=logits.shape[-1])
   direct = F.cross_entropy(torch.from_numpy(logits[:, :-1]).reshape(-1, logits.shape[-1]),
                            labels[:, 1:].reshape(-1), ignore_index=-100)
   np.testing.assert_allclose(float(loss), want.item(), rtol=RTOL)
   np.testing.assert_allclose(float(loss), direct.item(), rtol=RTOL)
-  assert float(aux["num_tokens"]) == (labels[:, 1:] != -100).sum().item() == batch["loss_mask"].sum()
+  assert float(count) == (labels[:, 1:] != -100).sum().item() == batch["loss_mask"].sum()
 
 
 def test_cross_entropy_gradient_matches_torch_autograd():
   logits, batch = lm_batch(4)
-  grad = jax.jit(jax.grad(lambda lg: losses.cross_entropy_loss(lg, batch)[0]))(jnp.asarray(logits))
+  grad = jax.jit(jax.grad(lambda lg: sft_loss(lg, batch)[0]))(jnp.asarray(logits))
   ref_logits = torch.from_numpy(logits).requires_grad_()
   ForCausalLMLoss(ref_logits, torch_labels(batch), vocab_size=logits.shape[-1]).backward()
   np.testing.assert_allclose(np.asarray(grad), ref_logits.grad.numpy(), rtol=1e-5, atol=1e-8)
@@ -79,17 +86,17 @@ def test_micro_batches_add_up_to_the_token_weighted_step_mean():
   full = ForCausalLMLoss(torch.from_numpy(logits), labels, vocab_size=logits.shape[-1]).item()
   split = [slice(0, 2), slice(2, 3)]  # 12 and 2 target tokens
   micro = [(jnp.asarray(logits[s]), {k: v[s] for k, v in batch.items()}) for s in split]
-  total = sum(float(losses.sft_loss_terms(lg, mb)[1]) for lg, mb in micro)
+  total = sum(float(sft_loss(lg, mb)[1]) for lg, mb in micro)
   accumulated = 0.0
   for s, (lg, mb) in zip(split, micro):
-    part = float(losses.cross_entropy_loss(lg, mb, num_tokens=total)[0])
+    part = float(sft_loss(lg, mb, num_tokens=total)[0])
     want = ForCausalLMLoss(torch.from_numpy(logits[s]), labels[s], vocab_size=logits.shape[-1],
                            num_items_in_batch=torch.tensor(total)).item()
     np.testing.assert_allclose(part, want, rtol=RTOL)
     accumulated += part
   np.testing.assert_allclose(accumulated, full, rtol=RTOL)
   # A plain mean of per-micro-batch means would not be the step mean here.
-  naive = np.mean([float(losses.cross_entropy_loss(lg, mb)[0]) for lg, mb in micro])
+  naive = np.mean([float(sft_loss(lg, mb)[0]) for lg, mb in micro])
   assert abs(naive - full) > 1e-3
 
 
@@ -99,11 +106,11 @@ def test_packed_sequence_start_and_padding_are_never_targets():
   batch["input_ids"] = np.abs(batch["input_ids"])
   bad_mask = np.array([[0, 1, 1, 1, 1, 1, 1, 1, 1, 0]], np.int32)  # flags segment 2's first token and a pad
   good_mask = np.array([[0, 1, 1, 1, 0, 1, 1, 1, 0, 0]], np.int32)
-  loss, aux = losses.cross_entropy_loss(jnp.asarray(logits), dict(batch, loss_mask=bad_mask))
+  loss, count = sft_loss(jnp.asarray(logits), dict(batch, loss_mask=bad_mask))
   want = ForCausalLMLoss(torch.from_numpy(logits), torch_labels(dict(batch, loss_mask=good_mask)),
                          vocab_size=logits.shape[-1])
   np.testing.assert_allclose(float(loss), want.item(), rtol=RTOL)
-  assert float(aux["num_tokens"]) == 6
+  assert float(count) == 6
 
 
 # ---- DPO against TRL 1.16's DPOTrainer._compute_loss ----------------------------------------------
@@ -254,7 +261,7 @@ def test_dpo_metrics_match_numpy_float64():
 
 
 def test_dpo_from_logits_matches_trl_with_its_fused_head():
-  """End to end: a tiny LlamaForCausalLM's logits through sequence_logps, loss and metrics."""
+  """End to end: a tiny LlamaForCausalLM's logits through token_stats, completion_stats, loss and metrics."""
   torch.manual_seed(0)
   config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -278,7 +285,7 @@ def test_dpo_from_logits_matches_trl_with_its_fused_head():
 
   with torch.no_grad():
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.numpy()
-  logps_b, tokens_b, mean_logit_b = jax.jit(losses.sequence_logps)(
+  logps_b, tokens_b, mean_logit_b = jax.jit(lambda lg, i, m: losses.completion_stats(*losses.token_stats(lg, i), m))(
       jnp.asarray(logits), jnp.asarray(ids, jnp.int32), jnp.asarray(completion, jnp.int32))
   halves = lambda x: (x[:pairs], x[pairs:])
   (pc, pr), (nc, nr), (lc, lr) = halves(logps_b), halves(tokens_b), halves(mean_logit_b)

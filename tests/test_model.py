@@ -127,7 +127,7 @@ def test_kv_cache_decoding_equals_full_forward(scan):
 
 
 def test_every_weight_has_logical_axes():
-  model = M.Llama(TINY, lora=M.LoraSpec(rank=4, alpha=8))
+  model = M.Llama(TINY, lora=cfg.LoraSpec(rank=4, alpha=8))
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   specs = jax.tree.leaves(
       jax.tree.map(lambda x: x, abstract["params"], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))

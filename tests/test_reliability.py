@@ -38,7 +38,7 @@ FAULTY = textwrap.dedent('''
       os.kill(os.getpid(), signal.SIGKILL)
 
     if point in ("step", "sigterm"):  # just after the n-th step is dispatched (it is still running)
-      from anita_jax.train import loop as train
+      from anita_jax.train import step as train
       compile_step = train.compile_step
       def patched(*args, **kwargs):
         step = compile_step(*args, **kwargs)
@@ -113,8 +113,7 @@ def train_args(model_dir, workdir):
 
 
 def adapters_of(workdir):
-  _, state = W.load_trained(workdir)
-  return jax.tree.map(np.asarray, state["params"])
+  return jax.tree.map(np.asarray, W.load_trained(workdir).state["params"])
 
 
 def steps_on_disk(workdir):

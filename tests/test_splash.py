@@ -98,7 +98,7 @@ def test_llama_logits_and_lora_gradients_equal_dot(dtype=jnp.float32):
   # both drift from this fp32 result, each its own way (measured on these inputs: logits 2.2e-2 dot,
   # 1.8e-2 splash; LoRA gradients 2.6e-2 and 2.4e-2), so bf16 is checked on the attention alone, above.
   config = cfg.PRESETS["tiny"]  # N = 4 query heads, K = 2 kv heads
-  spec = M.LoraSpec(rank=4, alpha=8.0)
+  spec = cfg.LoraSpec(rank=4, alpha=8.0)
   b, t = 2, 48
   rng = np.random.default_rng(3)
   tokens = jnp.asarray(rng.integers(3, config.vocab_size, (b, t)))
@@ -109,7 +109,7 @@ def test_llama_logits_and_lora_gradients_equal_dot(dtype=jnp.float32):
       lambda p, x: jnp.asarray(rng.normal(0, 0.05, x.shape), x.dtype) if "lora_b" in str(p[-1]) else x, params)
   lora = {"lora_a", "lora_b"}
   results = {}
-  for kind in M.ATTENTION_KINDS:
+  for kind in cfg.ATTENTION_KINDS:
     model = M.Llama(config, dtype=dtype, lora=spec, attention=kind)
     fn = jax.jit(jax.value_and_grad(lambda p, m=model: tiny_llama_loss(m, p, tokens, seg), has_aux=True))
     (loss, logits), grads = fn(params)
@@ -185,7 +185,7 @@ def test_several_tpu_devices_without_a_mesh_run_the_plain_attention(monkeypatch)
 def test_training_on_a_mesh_runs_the_kernel_under_the_mesh(demo_config, tiny_hf_dir, tmp_path, monkeypatch):
   # train.py traces its step under the mesh (train.in_mesh), so on TPU the kernel runs in shard_map; here the
   # spy records the mesh each kernel call was traced under, and the losses equal the plain attention's.
-  from anita_jax import train as T  # noqa: PLC0415 - keeps the module's imports to the kernel's own
+  from anita_jax.train import loop as T  # noqa: PLC0415 - keeps the module's imports to the kernel's own
 
   meshes = []
   kernel = SP.splash_attention

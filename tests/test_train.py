@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from anita_jax.model import lora as LA
+from anita_jax.train import config as C
 from anita_jax.train import loop as T
+from anita_jax.train import state as ST
 from anita_jax.train import workdir as W
 from anita_jax.errors import UserError
 
@@ -35,8 +36,7 @@ def losses_of(workdir):
 
 
 def adapters_of(workdir):
-  stage, state = W.load_trained(workdir)
-  return jax.tree.map(np.asarray, state["params"])
+  return jax.tree.map(np.asarray, W.load_trained(workdir).state["params"])
 
 
 def rel(a, b):
@@ -92,7 +92,7 @@ def test_gradient_accumulation_equals_one_big_batch(demo_config, tiny_hf_dir, tm
 
 def test_optimizer_state_only_for_trainable_leaves_and_frozen_untouched(demo_config, tiny_hf_dir, tmp_path):
   c = sft_config(demo_config, tiny_hf_dir, **{"train.steps": 10})
-  stage = T.build_stage(c)
+  stage = ST.build_stage(c, W.base_model_path(C.freeze(c)))
   frozen_before = jax.tree.map(np.asarray, stage.frozen)
   trainable_bytes = sum(x.nbytes for x in jax.tree.leaves(stage.state["params"]))
   opt_bytes = sum(x.nbytes for x in jax.tree.leaves(stage.state["opt_state"]) if x.ndim > 0)
@@ -100,7 +100,8 @@ def test_optimizer_state_only_for_trainable_leaves_and_frozen_untouched(demo_con
   leaves = [str(p[-1].key) for p, _ in jax.tree_util.tree_flatten_with_path(stage.state["params"])[0]]
   assert set(leaves) == {"lora_a", "lora_b"}
   T.train_and_evaluate(c, str(tmp_path / "w"))
-  stage2, state = W.load_trained(str(tmp_path / "w"))
+  stage2 = W.load_trained(str(tmp_path / "w"))
+  state = stage2.state
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, stage2.frozen), frozen_before)
   assert not np.array_equal(np.asarray(state["params"]["layers"]["mlp"]["up_proj"]["lora_b"]), 0)
 

@@ -7,7 +7,6 @@ unfinished one resumes from its latest checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -15,6 +14,7 @@ import time
 import jax
 import ml_collections
 
+from anita_jax import files
 from anita_jax.apps import report
 from anita_jax.train import loop as train
 from anita_jax.train import workdir as W
@@ -40,10 +40,7 @@ def run_stage(c: ml_collections.ConfigDict, stage_dir: str) -> None:
   started = time.time()
   metrics = train.train_and_evaluate(c, stage_dir)
   if jax.process_index() == 0:
-    tmp = f"{_done_path(stage_dir)}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"seconds": round(time.time() - started, 1), "last_metrics": metrics}, f, indent=2)
-    os.replace(tmp, _done_path(stage_dir))
+    files.write_json(_done_path(stage_dir), {"seconds": round(time.time() - started, 1), "last_metrics": metrics})
 
 
 def run_recipe(recipe: ml_collections.ConfigDict, workdir: str) -> None:

@@ -7,7 +7,7 @@ writes `report.json`, `report.md` and `training_curves.png` with `write_report`.
 Definitions (report.md repeats them):
 - perplexity: exp(total NLL / total target tokens) over the held-out Italian texts (token-weighted
   over the whole set, fp32 log-probs). Each text is encoded as the `lm` stage encodes text
-  (`data.text_ids`: [BOS] TEXT end-of-turn end-of-text; the first token is not a target), one text
+  (`encode.text_ids`: [BOS] TEXT end-of-turn end-of-text; the first token is not a target), one text
   per row, truncated to max_length.
 - preference accuracy: the fraction of held-out pairs with
   log p(chosen) - log p_base(chosen) > log p(rejected) - log p_base(rejected), strict (a tie does not
@@ -26,22 +26,25 @@ Shapes: B rows, T length, V vocab.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 
+from anita_jax import files
 from anita_jax.data import batching
+from anita_jax.data import encode
 from anita_jax.data import rows as data
 from anita_jax.convert import loading
 from anita_jax.model import losses
 from anita_jax.data import preference
 from anita_jax.infer import generate as G
+from anita_jax.infer import score
 from anita_jax.errors import UserError
+from anita_jax.train import workdir as W
 
 DPO_BETA = 0.1  # of both recipes' dpo stage: the margin is in the units of its rewards/margins
 TEXTS_FILE, PAIRS_FILE, PROMPTS_FILE = "it_eval.jsonl", "dpo_eval.jsonl", "prompts.jsonl"
@@ -56,15 +59,14 @@ TABLE_HEADER = "| model | held-out Italian perplexity | preference accuracy | me
 @functools.partial(jax.jit, static_argnames=("model",))
 def _nll_terms(model, params, batch):
   """(sum of target-token NLL, target count) of one [B, T] batch, fp32."""
-  logits_btv, _ = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"])
-  return losses.sft_loss_terms(logits_btv, batch)
+  logp_bt, _ = score.token_stats(model, params, batch)
+  return losses.nll_terms(logp_bt, batch)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _completion_logps(model, params, batch):
   """Summed log-probs of each row's loss_mask tokens [B], fp32."""
-  logits_btv, _ = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"])
-  return losses.sequence_logps(logits_btv, batch["input_ids"], batch["loss_mask"])[0]
+  return losses.completion_stats(*score.token_stats(model, params, batch), batch["loss_mask"])[0]
 
 
 def _pad_id(tokenizer) -> int:
@@ -80,7 +82,7 @@ def perplexity(model, params, tokenizer, texts_path: str, *, max_length: int = 2
   if batch_size < 1:
     raise UserError(f"batch_size={batch_size} must be at least 1")
   rows = data.load_rows(texts_path, fmt="text")
-  examples, _ = data.encode_dataset(rows, tokenizer, max_length=max_length, fmt="text")
+  examples, _ = encode.encode_dataset(rows, tokenizer, max_length=max_length, fmt="text")
   length = max(len(ex.input_ids) for ex in examples)
   total_nll, total_tokens = 0.0, 0.0
   for start in range(0, len(examples), batch_size):
@@ -164,17 +166,15 @@ def evaluate_model(path: str, data_dir: str, *, dtype: str | None = None, quant=
     `dtype` / `quant` say otherwise; anything else defaults to float32 and no quantization).
   data_dir: holds `texts` (Italian text rows), `pairs` (preference rows) and `prompts`.
   """
-  from anita_jax.train import workdir as W
-  files = [os.path.join(data_dir, name) for name in (texts, pairs, prompts)]
-  for file in files:
-    if not os.path.isfile(file):
-      raise UserError(f"{file}: no such file (the report's held-out data)")
-  model, params, tokenizer, config = loading.load_model(W.model_path(path), dtype=dtype, quant=quant,
-                                                        scan_layers=False)
-  ppl = perplexity(model, params, tokenizer, files[0], max_length=max_length)
-  chosen, rejected = sequence_logps_of_pairs(model, params, tokenizer, files[1], max_length=max_length,
+  paths = [os.path.join(data_dir, name) for name in (texts, pairs, prompts)]
+  for path_ in paths:
+    if not os.path.isfile(path_):
+      raise UserError(f"{path_}: no such file (the report's held-out data)")
+  model, params, tokenizer, config = W.load_model(W.model_path(path), dtype=dtype, quant=quant, scan_layers=False)
+  ppl = perplexity(model, params, tokenizer, paths[0], max_length=max_length)
+  chosen, rejected = sequence_logps_of_pairs(model, params, tokenizer, paths[1], max_length=max_length,
                                              max_prompt_length=max_prompt_length)
-  replies = answers(model, params, tokenizer, config, files[2], max_new_tokens=max_new_tokens)
+  replies = answers(model, params, tokenizer, config, paths[2], max_new_tokens=max_new_tokens)
   print(f"report: {path}: perplexity {ppl:.3f}, {len(chosen)} pairs, {len(replies)} answers",
         file=sys.stderr, flush=True)
   return {"perplexity": ppl, "chosen_logps": chosen, "rejected_logps": rejected, "answers": replies}
@@ -200,22 +200,11 @@ def read_metrics(workdir: str) -> list[dict]:
   A last line cut short (a run killed mid-write) is ignored.
   """
   path = os.path.join(workdir, "metrics.jsonl")
-  try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().split("\n")
-  except FileNotFoundError:
-    raise UserError(f"{path}: no such file (the stage logged no step)") from None
+  if not os.path.isfile(path):
+    raise UserError(f"{path}: no such file (the stage logged no step)")
   by_step: dict[int, dict] = {}
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      if number == len(lines):
-        break
-      raise UserError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+  for number, row in files.read_jsonl(path, skip_cut_last_line=True):
+    if not isinstance(row.get("step"), int):
       raise UserError(f"{path}:{number}: field 'step' is missing or not an integer")
     by_step[row["step"]] = row
   return [by_step[s] for s in sorted(by_step)]
@@ -301,30 +290,6 @@ def plot_curves(curves: dict[str, list[dict]]):
 
 # ----------------------------------------------------------------------------------------------
 # Writing
-
-
-def _write_atomic(path: str, write: Callable[[str], None]) -> None:
-  """write(tmp) into a sibling temporary file, flushed to disk, then renamed over `path`."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.lexists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _write_text(path: str, text: str) -> None:
-  def write(tmp):
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-  _write_atomic(path, write)
 
 
 def _jsonable(value):
@@ -436,7 +401,7 @@ def write_report(out_dir: str, rows: Sequence[dict], curves: dict[str, list[dict
   os.makedirs(out_dir, exist_ok=True)
   summaries = {stage: summarize_curve(r) for stage, r in curves.items()}
   report = {"models": _jsonable(rows), "curves": _jsonable(summaries), "definitions": definitions(beta)}
-  _write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-  _write_text(os.path.join(out_dir, "report.md"), render_markdown(rows, summaries, beta))
+  files.write_json(os.path.join(out_dir, "report.json"), report, sort_keys=False, ensure_ascii=False)
+  files.write_text(os.path.join(out_dir, "report.md"), render_markdown(rows, summaries, beta))
   fig = plot_curves(curves)
-  _write_atomic(os.path.join(out_dir, "training_curves.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+  files.atomic_write(os.path.join(out_dir, "training_curves.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=110))

@@ -14,49 +14,33 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
 from collections.abc import Iterator
 from typing import Any
 
+import huggingface_hub
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from anita_jax import files
 from anita_jax.model import quant as Q
 from anita_jax.model.config import ModelConfig
+from anita_jax.convert import peft
 from anita_jax.convert.hf import hf_shapes, to_hf_tensors
 from anita_jax.errors import UserError
 from anita_jax.model.config import LoraSpec
 
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
-WEIGHTS_NAME = "model.safetensors"
+SHARD_PATTERN = "model{suffix}.safetensors"  # huggingface_hub fills in "" or "-0000k-of-0000n"
 INDEX_NAME = "model.safetensors.index.json"
 
 
 # Atomic directories ------------------------------------------------------------------------------
-
-def _fsync_tree(root: str) -> None:
-  """Flushes every file under `root`, then the directories themselves, to disk."""
-  for directory, _, files in os.walk(root, topdown=False):
-    for name in files:
-      fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-      try:
-        os.fsync(fd)
-      finally:
-        os.close(fd)
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-  fd = os.open(directory, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
 
 def _remove(path: str) -> None:
   if os.path.isdir(path) and not os.path.islink(path):
@@ -99,7 +83,7 @@ def atomic_dir(out_dir: str) -> Iterator[str]:
   os.makedirs(tmp)
   try:
     yield tmp
-    _fsync_tree(tmp)
+    files.fsync_tree(tmp)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -114,7 +98,7 @@ def atomic_dir(out_dir: str) -> Iterator[str]:
     if old is not None:
       os.replace(old, out_dir)
     raise
-  _fsync_dir(parent)
+  files.fsync_file(parent)
   if old is not None:
     _remove(old)
 
@@ -141,66 +125,55 @@ def _check_params(params: dict) -> None:
       raise ValueError(f"{'/'.join(path)}: params hold a quantized kernel; export lora.merge(params, spec)")
 
 
-def plan_shards(config: ModelConfig, dtype: str, max_shard_bytes: int) -> list[list[str]]:
-  """HF tensor names grouped into shards of at most `max_shard_bytes`, in HF order.
+def plan_shards(config: ModelConfig, dtype: str, max_shard_bytes: int) -> dict[str, list[str]]:
+  """File name -> the HF tensor names it holds, split as transformers splits (`huggingface_hub`'s splitter).
 
-  As transformers splits: a shard closes when the next tensor would overflow it;
-  a tensor larger than the limit sits alone in its own shard.
+  A shard closes when the next tensor would overflow `max_shard_bytes`; a tensor larger than the
+  limit sits alone in its own shard. One shard is `model.safetensors`, n of them are
+  `model-0000k-of-0000n.safetensors`.
   """
   itemsize = EXPORT_DTYPES[dtype].itemsize
-  shards: list[list[str]] = [[]]
-  size = 0
-  for name, shape in hf_shapes(config).items():
-    nbytes = int(np.prod(shape)) * itemsize
-    if shards[-1] and size + nbytes > max_shard_bytes:
-      shards.append([])
-      size = 0
-    shards[-1].append(name)
-    size += nbytes
-  return shards
-
-
-def shard_names(count: int) -> list[str]:
-  """transformers' file names for `count` shards."""
-  if count == 1:
-    return [WEIGHTS_NAME]
-  return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+  split = huggingface_hub.split_state_dict_into_shards_factory(
+      hf_shapes(config), get_storage_size=lambda shape: math.prod(shape) * itemsize,
+      filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_bytes)
+  return split.filename_to_tensors
 
 
 def _write_weights(directory: str, config: ModelConfig, params: dict, dtype: str, scan_layers: bool,
                    max_shard_bytes: int) -> None:
+  """Streams the tensors in HF order into their shards; a shard is saved as soon as it is complete.
+
+  The splitter puts a tensor above the limit into a shard of its own ahead of the shard still
+  filling, so at most that one shard (under the limit) and one tensor are held at a time.
+  """
   from safetensors.numpy import save_file
   np_dtype = EXPORT_DTYPES[dtype]
   expected = hf_shapes(config)
   plan = plan_shards(config, dtype, max_shard_bytes)
-  files = shard_names(len(plan))
+  file_of = {name: file for file, names in plan.items() for name in names}
+  missing = {file: len(names) for file, names in plan.items()}
+  filling: dict[str, dict[str, np.ndarray]] = {}
   tensors = to_hf_tensors(config, params, scan_layers=scan_layers)
-  weight_map, total = {}, 0
-  for file, names in zip(files, plan):
-    shard = {}
-    for want in names:
-      try:
-        name, array = next(tensors)
-      except KeyError as e:
-        raise ValueError(f"params: no entry {e} for HF tensor '{want}'") from None
-      if tuple(array.shape) != expected[name]:
-        raise ValueError(f"params: HF tensor '{name}' would have shape {tuple(array.shape)}, "
-                         f"expected {expected[name]}")
-      shard[name] = np.ascontiguousarray(array.astype(np_dtype, copy=False))
-      weight_map[name] = file
-      total += shard[name].nbytes
-    save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
-    del shard
-  if len(files) > 1:
+  total = 0
+  for want in expected:
+    try:
+      name, array = next(tensors)
+    except KeyError as e:
+      raise ValueError(f"params: no entry {e} for HF tensor '{want}'") from None
+    if tuple(array.shape) != expected[name]:
+      raise ValueError(f"params: HF tensor '{name}' would have shape {tuple(array.shape)}, "
+                       f"expected {expected[name]}")
+    file = file_of[name]
+    shard = filling.setdefault(file, {})
+    shard[name] = np.ascontiguousarray(array.astype(np_dtype, copy=False))
+    total += shard[name].nbytes
+    missing[file] -= 1
+    if not missing[file]:
+      save_file(filling.pop(file), os.path.join(directory, file), metadata={"format": "pt"})
+  if len(plan) > 1:
     index = {"metadata": {"total_size": total, "total_parameters": total // np_dtype.itemsize},
-             "weight_map": weight_map}
-    _write_json(os.path.join(directory, INDEX_NAME), index)
-
-
-def _write_json(path: str, obj: Any) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
+             "weight_map": {name: file_of[name] for name in expected}}
+    files.write_json(os.path.join(directory, INDEX_NAME), index)
 
 
 def generation_config_dict(config: ModelConfig, sampling: dict | None) -> dict[str, Any]:
@@ -268,12 +241,12 @@ def write_hf_model(out_dir: str, config: ModelConfig, params: dict, tokenizer, *
     if tokenizer is not None:
       _write_tokenizer(directory, tokenizer)
     if model_card:
-      with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card if model_card.endswith("\n") else model_card + "\n")
-    _write_json(os.path.join(directory, "generation_config.json"), generation)
+      text = model_card if model_card.endswith("\n") else model_card + "\n"
+      files.write_text(os.path.join(directory, "README.md"), text)
+    files.write_json(os.path.join(directory, "generation_config.json"), generation)
     # Last: without config.json an unfinished directory cannot pass for a model.
-    _write_json(os.path.join(directory, "config.json"),
-                {**config.to_hf(), "dtype": dtype, "torch_dtype": dtype, "use_cache": True})
+    files.write_json(os.path.join(directory, "config.json"),
+                     {**config.to_hf(), "dtype": dtype, "torch_dtype": dtype, "use_cache": True})
 
 
 def write_adapter(out_dir: str, adapters: dict, config: ModelConfig, spec: LoraSpec, base_model: str,
@@ -282,27 +255,14 @@ def write_adapter(out_dir: str, adapters: dict, config: ModelConfig, spec: LoraS
 
   `adapters` holds `lora_a`/`lora_b` leaves (a full parameter tree with them will do).
   """
-  from anita_jax.model import lora
   with _target_dir(out_dir, atomic) as directory:
-    lora.save_peft(directory, adapters, config, spec, base_model, scan_layers=scan_layers)
+    peft.save_peft(directory, adapters, config, spec, base_model, scan_layers=scan_layers)
 
 
 # Model card --------------------------------------------------------------------------------------
 
-_PLAIN_YAML = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _DATA_FILES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow")
-_YAML_WORDS = ("y", "n", "yes", "no", "true", "false", "null", "on", "off")  # YAML 1.1 reads them as bool/null
-
-
-def _yaml_scalar(value: str) -> str:
-  """A plain YAML scalar when unambiguous, else a quoted one (JSON strings are valid YAML)."""
-  plain = _PLAIN_YAML.match(value) and value.lower() not in _YAML_WORDS
-  return value if plain else json.dumps(value)
-
-
-def _yaml_list(key: str, values: list[str]) -> list[str]:
-  return [f"{key}:"] + [f"- {_yaml_scalar(v)}" for v in values]
 
 
 def _flat_items(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -334,17 +294,14 @@ def model_card(base_model: str, stages: list[dict], license: str) -> str:
   # Only hub ids go into the metadata; local files are named in the text.
   datasets = list(dict.fromkeys(d for s in stages for d in _datasets(s)
                                 if _HUB_ID.match(d) and not d.endswith(_DATA_FILES)))
-  front = ["---", f"base_model: {_yaml_scalar(base_model)}", "library_name: transformers",
-           f"license: {_yaml_scalar(license)}", *_yaml_list("language", ["it", "en"]),
-           *_yaml_list("tags", ["llama", "llama-3", "qlora", "lora", "merged"]
-                       + [str(s["name"]) for s in stages if s.get("name")])]
-  if datasets:
-    front += _yaml_list("datasets", datasets)
-  front.append("---")
+  metadata = huggingface_hub.ModelCardData(
+      base_model=base_model, library_name="transformers", license=license, language=["it", "en"],
+      tags=["llama", "llama-3", "qlora", "lora", "merged"] + [str(s["name"]) for s in stages if s.get("name")],
+      datasets=datasets or None)
   names = ", ".join(str(s.get("name", i + 1)) for i, s in enumerate(stages))
   summary = (f" Training stages: {names}; each trained a LoRA adapter that was then merged into the weights."
              if stages else "")
-  body = ["", f"# {base_model.rsplit('/', 1)[-1]}, fine-tuned", "", f"Base model: `{base_model}`.{summary}", ""]
+  body = [f"# {base_model.rsplit('/', 1)[-1]}, fine-tuned", "", f"Base model: `{base_model}`.{summary}", ""]
   for i, stage in enumerate(stages, 1):
     body += [f"## Stage {i}: {stage.get('name', '')}".rstrip(), ""]
     data = _datasets(stage)
@@ -357,4 +314,7 @@ def model_card(base_model: str, stages: list[dict], license: str) -> str:
       body.append("")
   body += ["## License", "",
            f"The weights derive from `{base_model}` and are distributed under its license: `{license}`.", ""]
-  return "\n".join(front + body)
+  # The body goes in as a value, not as template text: braces in a hyperparameter stay as they are.
+  card = huggingface_hub.ModelCard.from_template(metadata, template_str="---\n{{ card_data }}\n---\n\n{{ body }}",
+                                                 body="\n".join(body))
+  return str(card)

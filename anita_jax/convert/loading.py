@@ -62,6 +62,7 @@ def load_config(path: str) -> ModelConfig:
     return gguf.gguf_config(gguf._reader(local), local)
   if not os.path.isdir(local):
     raise UserError(f"{local}: no such model directory")
+  from anita_jax.convert import hf
   return hf.load_hf_config(local)
 
 
@@ -113,45 +114,34 @@ def leaf_transform(quant=None, dtype: str = "float32", place=None):
   return transform
 
 
-def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: bool = True):
-  """(Llama module, params on the default device, tokenizer, config) for any model PATH.
+def quant_spec(quant):
+  """A QuantSpec of a --quant value ("none", "nf4", "int4") or a QuantSpec; None for None."""
+  from anita_jax.model import quant as Q
+  return Q.QuantSpec(quant) if isinstance(quant, str) else quant
 
-  A training workdir comes with its trained adapter (and, unless overridden, its own
-  dtype and quantization); a PEFT adapter directory with its base model. dtype
-  defaults to float32, quant to none. `scan_layers=False` unrolls the layers
-  (faster decoding on CPU).
+
+def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: bool = True):
+  """(Llama module, params on the default device, tokenizer, config) for a model PATH: an HF
+  directory, a .gguf file, a hub id, or a PEFT adapter directory (with its base model). dtype
+  defaults to float32, quant to none. `scan_layers=False` unrolls the layers (faster decoding
+  on CPU). Training workdirs: `train.workdir.load_model`.
   """
   import jax
   import jax.numpy as jnp
 
+  from anita_jax.convert import peft
   from anita_jax.model import lora
   from anita_jax.model import quant as Q
-  from anita_jax.train import workdir as W
-  from anita_jax.model.llama import Llama, unstack_layers
+  from anita_jax.model.llama import Llama
   if dtype is not None and dtype not in DTYPES:
     raise UserError(f"--dtype={dtype}: expected one of {', '.join(DTYPES)}")
-  if isinstance(quant, str):
-    quant = Q.QuantSpec(quant)
-  if W.is_workdir(path):
-    c = W.read_config(path)
-    if dtype is not None:
-      c.model.dtype = dtype
-    if quant is not None:
-      c.quant.type, c.quant.block_size, c.quant.double_quant = quant.type, quant.block_size, quant.double_quant
-    c.lora.dropout = 0.0
-    stage, state = W.load_trained(path, config=c, mesh=_one_device_mesh())
-    params = lora.combine(state["params"], stage.frozen)
-    model = stage.model.clone(deterministic=True)
-    if not scan_layers and model.scan_layers:
-      params, model = unstack_layers(params, stage.model_config.num_layers), model.clone(scan_layers=False)
-    return model, params, stage.tokenizer, stage.model_config
   dtype = dtype or "float32"
-  quant = quant or Q.QuantSpec()
+  quant = quant_spec(quant) or Q.QuantSpec()
   spec, adapters = None, None
-  if lora.is_peft_dir(path):
+  if peft.is_peft_dir(path):
     base = _peft_base(path)
     config = load_config(base)
-    spec, adapters, _ = lora.load_peft(path, config, scan_layers=scan_layers)
+    spec, adapters, _ = peft.load_peft(path, config, scan_layers=scan_layers)
     adapters = jax.device_put(adapters)
     weights_path, tokenizer_path = base, (path if _has_tokenizer(path) else base)
   else:
@@ -165,11 +155,6 @@ def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: 
   model = Llama(config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype), scan_layers=scan_layers,
                 quant=quant, lora=spec)
   return model, params, tokenizer, config
-
-
-def _one_device_mesh():
-  from anita_jax.model import sharding
-  return sharding.make_mesh(1, 1, 1)
 
 
 def _has_tokenizer(directory: str) -> bool:

@@ -41,6 +41,7 @@ import numpy as np
 from absl import logging
 
 from anita_jax.data import batching
+from anita_jax.data import encode
 from anita_jax.data import rows as data
 from anita_jax.data.rows import Row
 from anita_jax.errors import UserError
@@ -54,6 +55,14 @@ class PreferenceExample:
   chosen_ids: np.ndarray
   rejected_ids: np.ndarray
   where: str = ""
+
+  def preview(self, tokenizer) -> dict:
+    """What the trainer consumes, as a JSON-ready dict (special tokens kept in the texts)."""
+    ids = lambda x: [int(t) for t in x]  # noqa: E731
+    prompt, chosen, rejected = ids(self.prompt_ids), ids(self.chosen_ids), ids(self.rejected_ids)
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected,
+            "text": tokenizer.decode(prompt + chosen, skip_special_tokens=False),
+            "rejected_text": tokenizer.decode(prompt + rejected, skip_special_tokens=False)}
 
 
 @dataclasses.dataclass
@@ -70,65 +79,6 @@ class PreferenceStats:
             f"(prompt of max_length tokens or more); {self.tokens} tokens")
 
 
-def _shared_prefix(a: Sequence, b: Sequence) -> int:
-  n = 0
-  for x, y in zip(a, b):
-    if x != y:
-      break
-    n += 1
-  return n
-
-
-def _extract_prompt_text(row: Row, chosen: str, rejected: str) -> tuple[str, str, str]:
-  """trl.extract_prompt on strings: the shared character prefix, a space before the divergence excluded."""
-  n = _shared_prefix(chosen, rejected)
-  if n == 0 or n == min(len(chosen), len(rejected)):
-    raise UserError(f"{row.where}: field 'prompt' is missing and chosen and rejected "
-                    f"{'share no prefix' if n == 0 else 'do not diverge'}, so there is no prompt to extract")
-  if chosen[n - 1] == " ":
-    n -= 1
-  return chosen[:n], chosen[n:], rejected[n:]
-
-
-def preference_parts(row: Row) -> tuple[str, object, object, object]:
-  """('chat', prompt msgs, chosen msgs, rejected msgs) or ('text', prompt, chosen, rejected), validated."""
-  chosen, rejected = data.field(row, "chosen"), data.field(row, "rejected")
-  prompt = row.data.get("prompt")
-  if isinstance(chosen, str) and isinstance(rejected, str):
-    data.string(row, "chosen", chosen)
-    data.string(row, "rejected", rejected)
-    if prompt is None:
-      return ("text", *_extract_prompt_text(row, chosen, rejected))
-    return "text", data.string(row, "prompt", prompt), chosen, rejected
-  if not isinstance(chosen, list):
-    raise UserError(f"{row.where}: field 'chosen' must be a string or a list of messages, got {type(chosen).__name__}")
-  if not isinstance(rejected, list):
-    raise UserError(f"{row.where}: field 'rejected' must be a list of messages like field 'chosen', "
-                    f"got {type(rejected).__name__}")
-  c, r = data.messages(row, "chosen", chosen), data.messages(row, "rejected", rejected)
-  c_names, r_names = data.field_names(c, "chosen"), data.field_names(r, "rejected")
-  if isinstance(prompt, list):
-    p, p_names = data.messages(row, "prompt", prompt), data.field_names(prompt, "prompt")
-  elif prompt is not None and not isinstance(prompt, str):
-    raise UserError(f"{row.where}: field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
-  elif c[0]["role"] == "assistant" and r[0]["role"] == "assistant":
-    if prompt is None:
-      raise UserError(f"{row.where}: field 'prompt' is missing and chosen starts with an assistant turn")
-    p, p_names = [{"role": "user", "content": data.string(row, "prompt", prompt)}], ["prompt"]
-  else:
-    n = _shared_prefix(c, r)
-    if n == 0:
-      raise UserError(f"{row.where}: field 'chosen': chosen and rejected share no first turn, so there is no prompt")
-    p, p_names = c[:n], c_names[:n]
-    c, c_names, r, r_names = c[n:], c_names[n:], r[n:], r_names[n:]
-    for name, part in (("chosen", c), ("rejected", r)):
-      if not part:
-        raise UserError(f"{row.where}: field '{name}' has no turn after the prompt it shares with the other")
-  data.check_order(row, p + c, p_names + c_names, last="assistant")
-  data.check_order(row, p + r, p_names + r_names, last="assistant")
-  return "chat", p, c, r
-
-
 def _ids(tokenizer, text: str) -> list[int]:
   return [int(t) for t in tokenizer(text)["input_ids"]]
 
@@ -138,16 +88,16 @@ def encode_preference(row: Row | dict, tokenizer, *, max_length: int, max_prompt
   """The pair's (prompt, chosen, rejected) ids as TRL 1.16 makes them, truncated; None when dropped."""
   row = row if isinstance(row, Row) else Row("row", 1, dict(row))
   stats = stats if stats is not None else PreferenceStats()
-  kind, p, c, r = preference_parts(row)
+  kind, p, c, r = data.preference_parts(row)
   if kind == "chat":
-    prompt = data.chat_ids(tokenizer, p, add_generation_prompt=True, where=row.where)
-    full_c = data.chat_ids(tokenizer, p + c, where=row.where)
-    full_r = data.chat_ids(tokenizer, p + r, where=row.where)
+    prompt = encode.chat_ids(tokenizer, p, add_generation_prompt=True, where=row.where)
+    full_c = encode.chat_ids(tokenizer, p + c, where=row.where)
+    full_r = encode.chat_ids(tokenizer, p + r, where=row.where)
   else:
     eos = tokenizer.eos_token or ""
     c, r = (x if x.endswith(eos) else x + eos for x in (c, r))
     prompt, full_c, full_r = _ids(tokenizer, p), _ids(tokenizer, p + c), _ids(tokenizer, p + r)
-  n = min(_shared_prefix(prompt, full_c), _shared_prefix(prompt, full_r))
+  n = min(data.shared_prefix(prompt, full_c), data.shared_prefix(prompt, full_r))
   stats.rows += 1
   if n < len(prompt):
     if not stats.boundary_shifted:
@@ -228,11 +178,3 @@ class PreferenceBatchIterator(batching.BatchIterator):
 
   def _build(self, groups, start, stop):
     return build_batch(self.examples, [g[0] for g in groups], start, stop, self.max_length, self.pad_id)
-
-
-def preview_record(ex: PreferenceExample, tokenizer) -> dict:
-  ids = lambda x: [int(t) for t in x]  # noqa: E731
-  prompt, chosen, rejected = ids(ex.prompt_ids), ids(ex.chosen_ids), ids(ex.rejected_ids)
-  return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected,
-          "text": tokenizer.decode(prompt + chosen, skip_special_tokens=False),
-          "rejected_text": tokenizer.decode(prompt + rejected, skip_special_tokens=False)}

@@ -1,4 +1,4 @@
-"""The data pipeline for `sft` and `lm`: rows from files or the hub, validated, tokenized, packed, batched.
+"""Rows: loaded from files or the hub, their format detected, validated.
 
 Rows come from local JSON / JSONL / parquet files, directories of them, or hub datasets (through
 `datasets`). Every row keeps its origin (`Row.where`: "FILE:LINE" for JSONL, "FILE:ROW" otherwise,
@@ -14,8 +14,8 @@ Formats (`fmt`), auto-detected per source from the first row's columns:
 Token convention: `loss_mask[t] = 1` means token t is a target, scored against the model's output
 at t - 1. So the first token of every sequence (packed or not) is never a target.
 
-Batches (packing, shuffling, process shares, resumable state): `anita_jax.data.batching`, whose
-`BatchIterator` is re-exported here.
+Tokenization: `anita_jax.data.encode`. Batches (packing, shuffling, process shares, resumable
+state): `anita_jax.data.batching`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ import os
 import re
 from collections.abc import Sequence
 
-import numpy as np
-
-from anita_jax.data.batching import BatchIterator, build_batch, epoch_rng, pack  # noqa: F401 - part of this API
+from anita_jax import files
 from anita_jax.errors import UserError
 
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "text", "preference")
@@ -71,32 +69,11 @@ def _split_ranges(split: str, n: int, source: str) -> list[tuple[int, int]]:
   return [(r.from_, r.to) for r in ranges]
 
 
-def _read_jsonl(path: str, data: bytes) -> list[tuple[int, dict]]:
-  rows = []
-  for number, raw in enumerate(data.split(b"\n"), 1):
-    try:
-      line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-      raise UserError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
-    if number == 1:
-      line = line.lstrip("\ufeff")
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-      raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-    rows.append((number, row))
-  return rows
-
-
 def _read_json(path: str, data: bytes) -> list[tuple[int, dict]]:
   """A JSON array of objects (rows numbered 1..N), or JSON Lines with a .json name (numbered by line)."""
   if not data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
     try:
-      return _read_jsonl(path, data)
+      return files.read_jsonl(path, data=data)
     except UserError:
       try:
         whole = json.loads(data.decode("utf-8-sig"))
@@ -138,7 +115,7 @@ def _read_file(path: str) -> list[tuple[int, dict]]:
       data = f.read()
   except OSError as e:
     raise UserError(f"{path}: cannot read ({e.strerror})") from None
-  return _read_jsonl(path, data) if path.endswith(".jsonl") else _read_json(path, data)
+  return files.read_jsonl(path, data=data) if path.endswith(".jsonl") else _read_json(path, data)
 
 
 def _local_files(source: str) -> list[str]:
@@ -314,237 +291,76 @@ def conversation(row: Row, fmt: str) -> list[dict]:
   return chat
 
 
+def shared_prefix(a: Sequence, b: Sequence) -> int:
+  n = 0
+  for x, y in zip(a, b):
+    if x != y:
+      break
+    n += 1
+  return n
+
+
+def _extract_prompt_text(row: Row, chosen: str, rejected: str) -> tuple[str, str, str]:
+  """trl.extract_prompt on strings: the shared character prefix, a space before the divergence excluded."""
+  n = shared_prefix(chosen, rejected)
+  if n == 0 or n == min(len(chosen), len(rejected)):
+    raise UserError(f"{row.where}: field 'prompt' is missing and chosen and rejected "
+                    f"{'share no prefix' if n == 0 else 'do not diverge'}, so there is no prompt to extract")
+  if chosen[n - 1] == " ":
+    n -= 1
+  return chosen[:n], chosen[n:], rejected[n:]
+
+
+def preference_parts(row: Row) -> tuple[str, object, object, object]:
+  """('chat', prompt msgs, chosen msgs, rejected msgs) or ('text', prompt, chosen, rejected), validated."""
+  chosen, rejected = field(row, "chosen"), field(row, "rejected")
+  prompt = row.data.get("prompt")
+  if isinstance(chosen, str) and isinstance(rejected, str):
+    string(row, "chosen", chosen)
+    string(row, "rejected", rejected)
+    if prompt is None:
+      return ("text", *_extract_prompt_text(row, chosen, rejected))
+    return "text", string(row, "prompt", prompt), chosen, rejected
+  if not isinstance(chosen, list):
+    raise UserError(f"{row.where}: field 'chosen' must be a string or a list of messages, got {type(chosen).__name__}")
+  if not isinstance(rejected, list):
+    raise UserError(f"{row.where}: field 'rejected' must be a list of messages like field 'chosen', "
+                    f"got {type(rejected).__name__}")
+  c, r = messages(row, "chosen", chosen), messages(row, "rejected", rejected)
+  c_names, r_names = field_names(c, "chosen"), field_names(r, "rejected")
+  if isinstance(prompt, list):
+    p, p_names = messages(row, "prompt", prompt), field_names(prompt, "prompt")
+  elif prompt is not None and not isinstance(prompt, str):
+    raise UserError(f"{row.where}: field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+  elif c[0]["role"] == "assistant" and r[0]["role"] == "assistant":
+    if prompt is None:
+      raise UserError(f"{row.where}: field 'prompt' is missing and chosen starts with an assistant turn")
+    p, p_names = [{"role": "user", "content": string(row, "prompt", prompt)}], ["prompt"]
+  else:
+    n = shared_prefix(c, r)
+    if n == 0:
+      raise UserError(f"{row.where}: field 'chosen': chosen and rejected share no first turn, so there is no prompt")
+    p, p_names = c[:n], c_names[:n]
+    c, c_names, r, r_names = c[n:], c_names[n:], r[n:], r_names[n:]
+    for name, part in (("chosen", c), ("rejected", r)):
+      if not part:
+        raise UserError(f"{row.where}: field '{name}' has no turn after the prompt it shares with the other")
+  check_order(row, p + c, p_names + c_names, last="assistant")
+  check_order(row, p + r, p_names + r_names, last="assistant")
+  return "chat", p, c, r
+
+
 def validate_row(row: Row, fmt: str) -> None:
   if fmt == "text":
     string(row, "text", field(row, "text"))
   elif fmt == "preference":
-    from anita_jax.data import preference
-    preference.preference_parts(row)
+    preference_parts(row)
   elif fmt in FORMATS[1:]:
     conversation(row, fmt)
   else:
     raise UserError(f"format '{fmt}': expected one of {', '.join(FORMATS)}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Tokenization
-
-
-def _apply_template(tokenizer, chat: list[dict], where: str, **kwargs):
-  if not getattr(tokenizer, "chat_template", None):
-    raise UserError(f"{where or 'tokenizer'}: the tokenizer has no chat template (use the format 'text')")
-  try:
-    return tokenizer.apply_chat_template(chat, **kwargs)
-  except Exception as e:  # noqa: BLE001 - a template's own raise_exception is about this conversation
-    raise UserError(f"{where}: the chat template rejected the conversation ({str(e).splitlines()[0][:200]})") from None
-
-
-def chat_ids(tokenizer, chat: list[dict], *, add_generation_prompt: bool = False, where: str = "") -> list[int]:
-  """`tokenizer.apply_chat_template(chat, tokenize=True)` as a list of ints."""
-  out = _apply_template(tokenizer, chat, where, tokenize=True, add_generation_prompt=add_generation_prompt)
-  if hasattr(out, "keys"):
-    out = out["input_ids"]
-  return [int(t) for t in out]
-
-
-def render(tokenizer, chat: list[dict], *, add_generation_prompt: bool = False, where: str = "") -> str:
-  """The chat template's text for `chat`: what `chat_ids` tokenizes (without adding special tokens)."""
-  return _apply_template(tokenizer, chat, where, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def assistant_mask(tokenizer, chat: list[dict], ids: list[int], where: str = "") -> list[int]:
-  """1 on the tokens of each assistant turn after its header: its content and end-of-turn tokens.
-
-  The span of assistant turn k runs from the end of `chat[:k]` rendered with a generation prompt
-  (so the header, `<|im_start|>assistant\\n` or `<|start_header_id|>assistant<|end_header_id|>\\n\\n`,
-  is context, as at inference) to the end of `chat[:k+1]` rendered: exactly what the model must
-  write for that turn, end-of-turn included (ChatML: content `<|im_end|>` `\\n`; Llama-3: content
-  `<|eot_id|>`). Each of those renderings must be a prefix of the next and of the whole conversation;
-  a template that breaks this is an error. The spans are located in the text, then a token is a
-  target when any of its characters is in a span (transformers' rule for `{% generation %}` masks),
-  so a token that whitespace merges across the header boundary still maps exactly.
-  """
-  full = render(tokenizer, chat, where=where)
-  spans = []
-  for k, m in enumerate(chat):
-    if m["role"] != "assistant":
-      continue
-    start = render(tokenizer, chat[:k], add_generation_prompt=True, where=where)
-    stop = full if k == len(chat) - 1 else render(tokenizer, chat[:k + 1], where=where)
-    if not stop.startswith(start) or not full.startswith(stop):
-      raise UserError(f"{where}: turn {k} (assistant): the chat template does not render the conversation up to "
-                      "this turn as a prefix of the whole, so its tokens cannot be located (use mask='all')")
-    spans.append((len(start), len(stop)))
-  try:
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-  except NotImplementedError:
-    raise UserError("mask='assistant' needs a fast tokenizer (one that reports character offsets)") from None
-  if [int(t) for t in enc["input_ids"]] != ids:
-    raise UserError(f"{where}: the chat template's text does not tokenize to its token ids, so assistant tokens "
-                    "cannot be located (use mask='all')")
-  return [int(any(s < b and e > a for a, b in spans)) for s, e in enc["offset_mapping"]]
-
-
-def _special_id(tokenizer, candidates: Sequence[str]) -> int | None:
-  added = tokenizer.get_added_vocab()
-  for token in candidates:
-    if token in added:
-      return int(added[token])
-  return None
-
-
-def text_ids(tokenizer, text: str) -> list[int]:
-  """Token ids of a plain-text (`lm`) example: [BOS] + text + end-of-turn + end-of-text.
-
-  - BOS: whatever the tokenizer adds on its own (`add_special_tokens=True`): `<|begin_of_text|>`
-    for Llama-3, nothing for SmolLM2 (its `bos_token` `<|im_start|>` opens a chat turn, not a text).
-  - end-of-turn: the first special token of <|eot_id|>, <|im_end|>, <end_of_turn>, <|end|> in the
-    vocabulary (Llama-3 `<|eot_id|>`, ChatML `<|im_end|>`), so that stopping after a text is
-    trained as after a chat turn.
-  - end-of-text: the first of <|end_of_text|>, <|endoftext|>, </s> in the vocabulary, else
-    `tokenizer.eos_token`; skipped when it equals the end-of-turn token or is already last.
-  Llama-3: `<|begin_of_text|> TEXT <|eot_id|><|end_of_text|>` (ANITA's `lm` stage);
-  SmolLM2: `TEXT <|im_end|><|endoftext|>` (`<|endoftext|>` separates documents in its pretraining).
-  """
-  ids = [int(t) for t in tokenizer(text, add_special_tokens=True)["input_ids"]]
-  end_of_text = _special_id(tokenizer, END_OF_TEXT_TOKENS)
-  if end_of_text is None:
-    end_of_text = tokenizer.eos_token_id
-  for tid in (_special_id(tokenizer, END_OF_TURN_TOKENS), end_of_text):
-    if tid is not None and (not ids or ids[-1] != tid):
-      ids.append(int(tid))
-  return ids
-
-
-@dataclasses.dataclass
-class EncodeStats:
-  """Counts over a dataset. `dropped` includes rows left with no target token after truncation."""
-
-  rows: int = 0
-  kept: int = 0
-  truncated: int = 0
-  dropped: int = 0
-  tokens: int = 0  # kept tokens
-  targets: int = 0  # kept target tokens
-
-  def __str__(self) -> str:
-    return (f"{self.rows} rows: {self.kept} kept ({self.truncated} truncated), {self.dropped} dropped; "
-            f"{self.tokens} tokens, {self.targets} targets")
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-  """One tokenized SFT / LM sequence. input_ids int32 [L], loss_mask int32 [L]."""
-
-  input_ids: np.ndarray
-  loss_mask: np.ndarray
-  where: str = ""
-
-
-def encode_example(row: Row | dict, fmt: str, tokenizer, *, mask: str = "all", max_length: int,
-                   truncation: str = "truncate", stats: EncodeStats | None = None
-                   ) -> tuple[list[int], list[int]] | None:
-  """(input_ids, loss_mask) of one row, or None when dropped (too long with 'drop', or no target left).
-
-  Chat formats go through `tokenizer.apply_chat_template`; `text` through `text_ids`.
-  mask='all': every token but the first is a target (ANITA's SFT: loss on all tokens).
-  mask='assistant': the assistant turns only, as `assistant_mask` defines them.
-  truncation='truncate' keeps the first max_length tokens; 'drop' drops the row.
-  """
-  row = row if isinstance(row, Row) else Row("row", 1, dict(row))
-  fmt = detect_format(row) if fmt == "auto" else fmt
-  if mask not in ("all", "assistant"):
-    raise UserError(f"mask '{mask}': expected 'all' or 'assistant'")
-  if truncation not in ("truncate", "drop"):
-    raise UserError(f"truncation '{truncation}': expected 'truncate' or 'drop'")
-  if fmt == "preference":
-    raise UserError(f"{row.where}: a preference row (chosen/rejected) needs the dpo stage")
-  if fmt == "text":
-    if mask == "assistant":
-      raise UserError(f"{row.where}: mask='assistant' needs a chat format, not 'text'")
-    ids = text_ids(tokenizer, string(row, "text", field(row, "text")))
-    target = [1] * len(ids)
-  else:
-    chat = conversation(row, fmt)
-    ids = chat_ids(tokenizer, chat, where=row.where)
-    target = [1] * len(ids) if mask == "all" else assistant_mask(tokenizer, chat, ids, row.where)
-  if target:
-    target[0] = 0
-  stats = stats if stats is not None else EncodeStats()
-  stats.rows += 1
-  if len(ids) > max_length:
-    if truncation == "drop":
-      stats.dropped += 1
-      return None
-    ids, target = ids[:max_length], target[:max_length]
-    stats.truncated += 1
-  if not any(target):
-    stats.dropped += 1
-    return None
-  stats.kept += 1
-  stats.tokens += len(ids)
-  stats.targets += sum(target)
-  return ids, target
-
-
 def describe_sources(rows: Sequence[Row]) -> str:
   names = sorted({r.source for r in rows})
   return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "") or "the dataset"
-
-
-def encode_dataset(rows: Sequence[Row], tokenizer, *, max_length: int, mask: str = "all",
-                   truncation: str = "truncate", fmt: str | None = None) -> tuple[list[Example], EncodeStats]:
-  """Every row encoded (each with its own format unless `fmt` is given); UserError if none is left."""
-  if max_length < 2:
-    raise UserError(f"max_length={max_length} must be at least 2")
-  stats = EncodeStats()
-  examples = []
-  for row in rows:
-    out = encode_example(row, fmt or row.format, tokenizer, mask=mask, max_length=max_length,
-                         truncation=truncation, stats=stats)
-    if out is not None:
-      examples.append(Example(np.asarray(out[0], np.int32), np.asarray(out[1], np.int32), row.where))
-  if not examples:
-    raise UserError(f"{describe_sources(rows)}: dataset left empty after filtering ({stats}; max_length={max_length}, "
-                    f"truncation='{truncation}', mask='{mask}')")
-  return examples, stats
-
-
-def preview_records(examples: Sequence, tokenizer) -> list[dict]:
-  """What the trainer consumes, per example, as JSON-ready dicts (special tokens kept in `text`)."""
-  from anita_jax.data import preference
-  records = []
-  for ex in examples:
-    if isinstance(ex, preference.PreferenceExample):
-      records.append(preference.preview_record(ex, tokenizer))
-      continue
-    ids = [int(t) for t in ex.input_ids]
-    records.append({"input_ids": ids, "loss_mask": [int(t) for t in ex.loss_mask],
-                    "text": tokenizer.decode(ids, skip_special_tokens=False)})
-  return records
-
-
-def preview_main(c, num_examples: int) -> None:
-  """scripts/preview_data.py: the first examples of data.train as the trainer encodes them, as JSON lines."""
-  import json
-  import sys
-
-  from anita_jax.convert import loading
-  from anita_jax.data import preference
-  from anita_jax.train import config as stage_config
-  from anita_jax.train import workdir
-  stage_config.validate(c)
-  tokenizer = loading.load_tokenizer(c.model.tokenizer or workdir.model_path(c.model.path))
-  rows = load_rows([s.strip() for s in c.data.train.split(",") if s.strip()], split=c.data.split,
-                   config_name=c.data.config_name, fmt=c.data.format,
-                   max_rows=num_examples if c.data.max_rows is None else min(num_examples, c.data.max_rows))
-  if c.stage == "dpo":
-    examples, stats = preference.encode_preferences(rows, tokenizer, max_length=c.data.max_length,
-                                                    max_prompt_length=c.data.max_prompt_length)
-  else:
-    fmt = "text" if c.stage == "lm" and c.data.format == "auto" else None
-    examples, stats = encode_dataset(rows, tokenizer, max_length=c.data.max_length, mask=c.data.mask,
-                                     truncation=c.data.truncation, fmt=fmt)
-  for record in preview_records(examples[:num_examples], tokenizer):
-    print(json.dumps(record, ensure_ascii=False))
-  print(f"{stats}", file=sys.stderr)

@@ -38,15 +38,11 @@ from lm_eval.models import utils as model_utils
 from tqdm import tqdm
 
 from anita_jax.infer import generate as G
-from anita_jax.model import quant as Q
+from anita_jax.infer import score
 from anita_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k")
-
-
-def _is_final_norm(module, method_name) -> bool:
-  return module.name == "norm" and method_name == "__call__"
 
 
 @functools.partial(jax.jit, static_argnames=("model", "width"))
@@ -57,20 +53,14 @@ def _score_batch(model, params, tokens_bt, segments_bt, end_b, *, width: int):
   [B, C], and the fp32 log-softmax of the last real position [B, V] (the one position whose
   target differs between requests that share an input).
 
-  The LM head runs only on those C positions: the model's full [B, T, V] logits are unused,
-  so XLA drops them (at T = 1024 and Llama-3's V = 128256 they would be 0.5 GB per row).
+  The LM head runs only on those C positions (the [B, T, V] logits would be 0.5 GB per row
+  at T = 1024 and Llama-3's V = 128256).
   """
-  _, state = model.apply({"params": params}, tokens_bt, None, segments_bt,
-                         capture_intermediates=_is_final_norm)
-  hidden_btd = state["intermediates"]["norm"]["__call__"][0]
+  hidden_btd = score.hidden_states(model, params, {"input_ids": tokens_bt, "segment_ids": segments_bt})
   t = tokens_bt.shape[1]
   pos_bc = jnp.clip(end_b[:, None] - width + jnp.arange(width)[None, :], 0, t - 1)
   hidden_bcd = jnp.take_along_axis(hidden_btd, pos_bc[..., None], axis=1)
-  if model.config.tie_word_embeddings:  # as Llama.__call__ computes its logits
-    head_dv = params["embed_tokens"]["embedding"].astype(model.dtype).T
-  else:
-    head_dv = Q.dequantize(params["lm_head"]["kernel"], model.dtype)
-  logits_bcv = jnp.dot(hidden_bcd.astype(model.dtype), head_dv).astype(jnp.float32)
+  logits_bcv = score.head_logits(model, params, hidden_bcd)
   lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
   targets_bc = jnp.take_along_axis(tokens_bt, jnp.clip(pos_bc + 1, 0, t - 1), axis=1)
   target_logp = jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[..., 0] - lse_bc
@@ -103,18 +93,6 @@ class JaxLM(TemplateLM):
     self.records: list[dict] = []
     self.batch_sizes: dict = {}
     self._generator = None
-
-  @classmethod
-  def from_path(cls, path: str, *, dtype: str | None = None, quant: str | None = None, scan_layers: bool = True,
-                **kwargs) -> JaxLM:
-    """Loads a model PATH (see `loading.load_model`); kwargs go to the constructor."""
-    from anita_jax.convert import loading
-    from anita_jax.model.quant import QuantSpec
-    # None keeps a workdir's own dtype and quantization (plain models: float32, unquantized).
-    model, params, tokenizer, config = loading.load_model(path, dtype=dtype, quant=quant and QuantSpec(quant),
-                                                          scan_layers=scan_layers)
-    info = {"model_path": path, "dtype": dtype, "quant": quant, "num_params": config.num_params}
-    return cls(model, params, tokenizer, config, info=info, **kwargs)
 
   # --- what lm-eval reads --------------------------------------------------------------------
 
@@ -381,44 +359,3 @@ def run_tasks(lm: JaxLM, tasks: Sequence[str], manager, *, num_fewshot: int | No
   doc = {k: out[k] for k in keys if k in out}
   doc["samples"] = samples
   return json.loads(json.dumps(doc, default=lm_utils.handle_non_serializable))
-
-
-def write_json(path: str, doc: dict) -> None:
-  """Writes `doc` to `path` atomically (a temporary file in the same directory, then os.replace)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(directory):
-    raise UserError(f"--output={path}: directory {directory} does not exist")
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(doc, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def main(*, model: str | None, tasks: Sequence[str], output: str, num_fewshot: int | None = None,
-         limit: int | None = None, include_path: str | None = None, batch_size: int = 8,
-         apply_chat_template: bool = False, system: str | None = None, dtype: str | None = None,
-         quant: str | None = None, max_length: int | None = None, bootstrap_iters: int = 100000) -> dict:
-  """scripts/evaluate.py: check the tasks, load the model, run lm-eval, write `output`."""
-  from lm_eval.utils import make_table
-
-  from anita_jax.convert import loading
-  if not output:
-    raise UserError("--output: required (FILE.json)")
-  if limit is not None and limit < 1:
-    raise UserError(f"--limit={limit}: must be at least 1")
-  manager = task_manager(include_path)
-  tasks = check_tasks(tasks, manager)
-  path = model or loading.embedded_default_path()
-  from anita_jax.train import workdir
-  if dtype is None and not workdir.is_workdir(path):  # a workdir has its own dtype
-    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  lm = JaxLM.from_path(path, dtype=dtype, quant=quant, batch_size=batch_size, max_length=max_length)
-  doc = run_tasks(lm, tasks, manager, num_fewshot=num_fewshot, limit=limit,
-                  apply_chat_template=apply_chat_template, system=system, bootstrap_iters=bootstrap_iters)
-  write_json(output, doc)
-  print(make_table(doc))
-  return doc

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anita_jax import files
 from anita_jax.errors import UserError
 from anita_jax.model.llama import Llama, init_cache
 
@@ -169,23 +170,9 @@ class Generator:
 
 def read_prompts_file(path: str) -> list[dict]:
   """Rows {"prompt": str, "system"?: str} of a JSONL file, validated row by row."""
-  import json
   rows = []
-  try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
-  except FileNotFoundError:
-    raise UserError(f"{path}: no such file") from None
-  except UnicodeDecodeError as e:
-    raise UserError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{path}:{number}: malformed JSON ({e.msg})") from None
-    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+  for number, row in files.read_jsonl(path):
+    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
       raise UserError(f"{path}:{number}: field 'prompt' must be a non-empty string")
     if row.get("system") is not None and not isinstance(row["system"], str):
       raise UserError(f"{path}:{number}: field 'system' must be a string")
@@ -208,42 +195,3 @@ def sampling_defaults(path: str) -> dict:
     out.update(temperature=gc.temperature if gc.temperature is not None else 1.0,
                top_p=gc.top_p if gc.top_p is not None else 1.0, top_k=gc.top_k or 0)
   return out
-
-
-def main(*, model, prompt, prompts_file, system, chat, max_new_tokens, temperature, top_p, top_k, seed,
-         dtype, quant, batch_size) -> None:
-  """scripts/generate.py: prints the generated text, or one JSON line per row of a prompts file."""
-  import json
-
-  import jax
-
-  from anita_jax.convert import loading
-  if (prompt is None) == (prompts_file is None):
-    raise UserError("give exactly one of --prompt and --prompts_file")
-  if prompt is not None and not prompt.strip():
-    raise UserError("--prompt is empty")
-  rows = read_prompts_file(prompts_file) if prompts_file else [{"prompt": prompt, "system": system}]
-  path = model or loading.embedded_default_path()
-  from anita_jax.train import workdir
-  if dtype is None and not workdir.is_workdir(path):  # a workdir has its own dtype
-    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  from anita_jax.model.quant import QuantSpec
-  # Layers unrolled: a scanned decode step re-slices every layer's weights from the stacks.
-  net, params, tokenizer, config = loading.load_model(path, dtype=dtype, quant=quant and QuantSpec(quant),
-                                                      scan_layers=False)
-  defaults = sampling_defaults(path)
-  sampling = SamplingSpec(
-      max_new_tokens=max_new_tokens if max_new_tokens is not None else defaults.get("max_new_tokens", 256),
-      temperature=temperature if temperature is not None else defaults.get("temperature", 0.0),
-      top_p=top_p if top_p is not None else defaults.get("top_p", 1.0),
-      top_k=top_k if top_k is not None else defaults.get("top_k", 0))
-  generator = Generator(net, params, tokenizer, loading.stop_token_ids(tokenizer, config),
-                        config.max_position_embeddings, batch_size=batch_size)
-  ids = generator.generate_ids(
-      [generator.encode(r["prompt"], r.get("system") or system, chat) for r in rows], sampling, seed)
-  texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
-  if prompts_file is None:
-    print(texts[0])
-  else:
-    for row, text in zip(rows, texts):
-      print(json.dumps({"prompt": row["prompt"], "text": text}, ensure_ascii=False))

@@ -23,7 +23,6 @@ reference costs no second copy.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -35,7 +34,7 @@ import numpy as np
 
 from anita_jax.model import quant as Q
 from anita_jax.model import splash as SP
-from anita_jax.model.config import ATTENTION_KINDS, PROJECTIONS, REMAT_POLICIES, LoraSpec, ModelConfig  # noqa: F401
+from anita_jax.model.config import ATTENTION_KINDS, LoraSpec, ModelConfig
 
 Array = jax.Array
 

@@ -131,39 +131,24 @@ def target_mask(batch: dict[str, Array]) -> Array:
   return (batch["loss_mask"] > 0) & same_bt & (seg_bt != 0)
 
 
-def sft_loss_terms(logits_btv: Array, batch: dict[str, Array]) -> tuple[Array, Array]:
-  """(sum of target-token NLL, number of target tokens), fp32 scalars.
-
-  For an exact token-weighted mean over micro-batches (gradient accumulation),
-  divide each micro-batch's sum by the token count of the whole step, as
-  transformers does with `num_items_in_batch`; see `cross_entropy_loss`.
-  """
-  return nll_terms(token_logprobs(logits_btv, batch["input_ids"]), batch)
-
-
 def nll_terms(logp_bt: Array, batch: dict[str, Array]) -> tuple[Array, Array]:
-  """`sft_loss_terms` from target-indexed token log-probs [B, T]."""
+  """(sum of target-token NLL, number of target tokens), fp32 scalars, from target-indexed
+  token log-probs [B, T] (`token_stats`) and the batch's `target_mask`.
+
+  The SFT loss is their quotient (one token-level mean, as TRL's SFT). For an exact
+  token-weighted mean over micro-batches (gradient accumulation), divide each
+  micro-batch's sum by the token count of the whole step, as transformers does
+  with `num_items_in_batch`.
+  """
   mask_bt = target_mask(batch)
   sum_nll = -jnp.sum(jnp.where(mask_bt, logp_bt, 0.0))
   return sum_nll, jnp.sum(mask_bt, dtype=jnp.float32)
 
 
-def cross_entropy_loss(logits_btv: Array, batch: dict[str, Array],
-                       num_tokens: Array | None = None) -> tuple[Array, dict[str, Array]]:
-  """Mean NLL over the batch's target tokens (one token-level mean, as TRL's SFT).
-
-  num_tokens: when given (the target count of the whole accumulated step), the
-    sum is divided by it instead, so micro-batch losses add up to the step mean.
-  Returns (loss, {"num_tokens": this batch's target count}).
-  """
-  sum_nll, count = sft_loss_terms(logits_btv, batch)
-  denominator = jnp.maximum(count, 1.0) if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
-  return sum_nll / denominator, {"num_tokens": count}
-
-
-def sequence_logps(logits_btv: Array, input_ids_bt: Array,
-                   completion_mask_bt: Array) -> tuple[Array, Array, Array]:
-  """Per-sequence DPO statistics of the completion tokens (the mask marks target tokens).
+def completion_stats(logp_bt: Array, mean_logit_bt: Array,
+                     completion_mask_bt: Array) -> tuple[Array, Array, Array]:
+  """Per-sequence DPO statistics of the completion tokens, from `token_stats` [B, T]
+  (the mask marks target tokens).
 
   Returns:
     logps_b: summed log-probs of the completion tokens, fp32.
@@ -171,12 +156,6 @@ def sequence_logps(logits_btv: Array, input_ids_bt: Array,
     mean_logit_b: mean over completion tokens of the mean over V of the raw
       logit predicting them (TRL's `logits/*`), fp32, no gradient.
   """
-  return completion_stats(*token_stats(logits_btv, input_ids_bt), completion_mask_bt)
-
-
-def completion_stats(logp_bt: Array, mean_logit_bt: Array,
-                     completion_mask_bt: Array) -> tuple[Array, Array, Array]:
-  """`sequence_logps` from `token_stats`."""
   mask_bt = completion_mask_bt > 0
   logps_b = jnp.sum(jnp.where(mask_bt, logp_bt, 0.0), axis=-1)
   num_tokens_b = jnp.sum(mask_bt, axis=-1, dtype=jnp.int32)

@@ -6,8 +6,10 @@ G double-quantization groups, g = I / group_size int4 groups. Any leading axes
 
 Our kernels are [I, O]; HF and bitsandbytes hold the same weight as [O, I]. NF4 here
 reproduces `bitsandbytes.functional.quantize_4bit(w_oi, blocksize, quant_type="nf4",
-compress_statistics=...)` bit for bit, but every array that grows with the weight keeps
-the weight's [I, O] orientation, so it can be sharded along the weight's logical axes:
+compress_statistics=...)` on the CPU bit for bit, and so does `dequantize`, jitted or not
+(the one host-dependent step, torch's summation order in the offset, is under
+`_torch_mean`). Every array that grows with the weight keeps the weight's [I, O]
+orientation, so it can be sharded along the weight's logical axes:
 
   NF4Weight.codes          uint8 [..., I/2, O]  rows 2i (high nibble) and 2i+1 (low nibble)
            .absmax         fp32  [..., P, O]    without double quantization
@@ -90,6 +92,75 @@ def _dynamic_lut() -> np.ndarray:
 
 _DYNAMIC_LUT = _dynamic_lut()
 
+# The double-quantization offset is torch's fp32 `absmax.mean()` on the CPU: a sum in torch's
+# order, then one division. A float64 sum rounded once can differ from it in the last bit, and
+# that ulp moves a centred absmax lying near a bin edge of the 8-bit quantizer into the next
+# code (1.3% on that block). The order below is ATen's `cascade_sum` (SumKernel.cpp) for a
+# contiguous fp32 vector, with torch's 8-float vectors (AVX2, NEON, default builds) and one
+# thread: above `_TORCH_GRAIN` elements a multi-threaded torch sums each thread's share first.
+_TORCH_LANES = 8
+_TORCH_GRAIN = 32768  # at::internal::GRAIN_SIZE
+
+
+def _running_sum(acc: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  """acc + rows[0] + rows[1] + ... in fp32, strictly left to right (a numpy reduction may pair)."""
+  return np.cumsum(np.concatenate([acc[None], rows]), axis=0, dtype=np.float32)[-1]
+
+
+def _multi_row_sum(rows: np.ndarray) -> np.ndarray:
+  """ATen's multi_row_sum of rows [S, ...] -> [...]: four levels of running sums, 2^k rows each."""
+  size = rows.shape[0]
+  power = max(4, (1 if size <= 2 else (size - 1).bit_length()) // 4)  # CeilLog2(size) / 4
+  step = 1 << power
+  acc = np.zeros((4,) + rows.shape[1:], np.float32)
+  i = 0
+  while i + step <= size:
+    acc[0] = _running_sum(acc[0], rows[i:i + step])
+    i += step
+    for level in range(1, 4):
+      acc[level] += acc[level - 1]
+      acc[level - 1] = 0
+      if i & ((step - 1) << (level * power)):
+        break
+  acc[0] = _running_sum(acc[0], rows[i:])
+  for level in range(1, 4):
+    acc[0] += acc[level]
+  return acc[0]
+
+
+def _row_sum(x: np.ndarray) -> np.ndarray:
+  """ATen's row_sum of x [S, ...] -> [...]: four interleaved cascades, then the leftover rows."""
+  s = x.shape[0] // 4
+  partial = _multi_row_sum(x[:4 * s].reshape((s, 4) + x.shape[1:]))  # [4, ...]
+  total = _running_sum(partial[0], x[4 * s:])
+  return _running_sum(total, partial[1:])
+
+
+def _torch_sum_serial(x: np.ndarray, lanes: int) -> np.float32:
+  n = x.shape[0]
+  if n < lanes:
+    return np.float32(_row_sum(x))
+  v = n // lanes
+  lane_sums = _row_sum(x[:v * lanes].reshape(v, lanes))  # one cascade per vector lane
+  return np.float32(_running_sum(np.zeros((), np.float32), np.concatenate([x[v * lanes:], lane_sums])))
+
+
+def _torch_mean(x: np.ndarray, lanes: int = _TORCH_LANES, threads: int = 1) -> np.float32:
+  """torch.mean of a contiguous fp32 vector on the CPU, bit for bit, given torch's vector width
+  (`lanes`: 8, or 16 on an AVX512 build) and intra-op thread count."""
+  x = np.ascontiguousarray(x, np.float32).reshape(-1)
+  n = x.shape[0]
+  if n < _TORCH_GRAIN or threads == 1:
+    total = _torch_sum_serial(x, lanes)
+  else:  # at::parallel_for's split, then a sum over the per-thread buffer
+    tasks = min(threads, -(-n // _TORCH_GRAIN))
+    chunk = -(-n // tasks)
+    partials = np.zeros(threads, np.float32)
+    for t in range(tasks):
+      partials[t] = _torch_sum_serial(x[t * chunk:(t + 1) * chunk], lanes)
+    total = _torch_sum_serial(partials, lanes)
+  return np.float32(total / np.float32(n))
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
@@ -153,7 +224,11 @@ class NF4Weight:
     # bitsandbytes numbers blocks row-major over its [O, P] layout: block (p, o) is o * P + p.
     block_po = jax.lax.broadcasted_iota(jnp.int32, (p, o), 1) * p + jax.lax.broadcasted_iota(jnp.int32, (p, o), 0)
     scale = jnp.take(jnp.asarray(self.absmax_scale), block_po // DQ_GROUP, axis=-1, mode="clip")  # [..., P, O]
-    return _lookup(DYNAMIC_CODE, self.absmax_q) * scale + jnp.asarray(self.absmax_offset)[..., None, None]
+    # bitsandbytes rounds code * scale, then adds the offset. XLA fuses a multiply-add into one
+    # FMA (one rounding), but not across this clip, a no-op on the finite product.
+    finite = float(np.finfo(np.float32).max)
+    centred = jnp.clip(_lookup(DYNAMIC_CODE, self.absmax_q) * scale, -finite, finite)
+    return centred + jnp.asarray(self.absmax_offset)[..., None, None]
 
   def dequantize(self, dtype=jnp.float32) -> Array:
     """W [..., I, O] = level[code] * absmax in fp32, cast to `dtype`."""
@@ -208,8 +283,8 @@ def _nf4_matrix(w_io, block_size: int, double_quant: bool, xp) -> dict[str, Any]
 
   flat = absmax_po.T.reshape(-1)  # bitsandbytes' block order, [O * P]
   n = flat.shape[0]
-  total = np.float32(flat.astype(np.float64).sum()) if xp is np else flat.sum()
-  offset = total / np.float32(n)  # torch's fp32 mean: sum, then divide
+  # bitsandbytes' torch mean, bit for bit; under jit (init_fn's random weights) XLA's own sum.
+  offset = _torch_mean(flat) if xp is np else flat.sum() / np.float32(n)
   groups = -(-n // DQ_GROUP)
   # A short last group has its own absmax: the zero padding never raises it.
   centred = xp.pad(flat - offset, (0, groups * DQ_GROUP - n)).reshape(groups, DQ_GROUP)

@@ -8,6 +8,7 @@ on them (one warning per kind), so any mesh runs any model.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -115,3 +116,23 @@ def place(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
 def place_local(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """A global array from each process's rows of it (the data pipeline's share)."""
   return jax.make_array_from_process_local_data(sharding, np.asarray(local))
+
+
+def in_mesh(mesh, jitted):
+  """`jitted`, traced, lowered (`.lower`) and run under `mesh` and the logical-axis rules.
+
+  The model's activation constraints take effect only there, and the splash
+  kernel's `shard_map` needs the mesh in context.
+  """
+
+  def under(fn):
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        return fn(*args, **kwargs)
+
+    return call
+
+  call = under(jitted)
+  call.lower = under(jitted.lower)
+  return call

@@ -24,8 +24,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import importlib.util
-import json
 import math
 import os
 import re
@@ -34,150 +32,53 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-from anita_jax.convert import loading
-from anita_jax.model import lora as LA
+from anita_jax import files
+from anita_jax.errors import UserError
 from anita_jax.model import quant as Q
 from anita_jax.model import sharding as S
-from anita_jax.model import splash
-from anita_jax.train import config as stage_config
-from anita_jax.train import loop as train
-from anita_jax.model.config import PRESETS, ModelConfig
-from anita_jax.errors import UserError
+from anita_jax.model.config import ModelConfig
+from anita_jax.train import config as C
+from anita_jax.train import state as ST
+from anita_jax.train import step as STEP
+from anita_jax.train.flops import analytic_flops
+from anita_jax.train.optim import make_optimizer
+from anita_jax.train.topology import CHIPS, model_config_of, parse_topology, topology_mesh
 
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """Per-chip peak figures (one JAX device per chip: v4 and v5p run as megacore)."""
-
-  peak_flops: float  # dense bf16 FLOP/s
-  hbm_bytes: int
-  hbm_bandwidth: float  # bytes/s
-  megacore: bool = False
-
-
-GiB = 2 ** 30
-CHIPS = {
-    # cloud.google.com/tpu/docs/v4: 275 TFLOPs bf16, 32 GiB HBM2, 1200 GBps per chip.
-    "v4": Chip(275e12, 32 * GiB, 1200e9, megacore=True),
-    # cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16, 16 GB HBM2, 819 GBps per chip
-    # (later revisions of the page print 800 GBps).
-    "v5e": Chip(197e12, 16 * GiB, 819e9),
-    # cloud.google.com/tpu/docs/v5p: 459 TFLOPs bf16, 95 GB HBM2e, 2765 GBps per chip.
-    "v5p": Chip(459e12, 95 * GiB, 2765e9, megacore=True),
-    # cloud.google.com/tpu/docs/v6e: 918 TFLOPs bf16, 32 GB HBM, 1640 GBps per chip
-    # (later revisions of the page print 1600 GBps).
-    "v6e": Chip(918e12, 32 * GiB, 1640e9),
-}
-_DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}
-
-# Hub ids whose architecture is a preset, so that no network is needed.
-HUB_PRESETS = {
-    "meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b",
-    "meta-llama/Meta-Llama-3-8B": "llama3-8b",
-    "meta-llama/Llama-3.1-8B-Instruct": "llama3.1-8b",
-    "meta-llama/Llama-3.1-8B": "llama3.1-8b",
-    "meta-llama/Meta-Llama-3.1-8B-Instruct": "llama3.1-8b",
-    "meta-llama/Meta-Llama-3.1-8B": "llama3.1-8b",
-    "meta-llama/Llama-3.2-1B-Instruct": "llama3.2-1b",
-    "meta-llama/Llama-3.2-1B": "llama3.2-1b",
-    "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
-    "embedded": "smollm2-135m",
-}
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
-
-
-def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
-  """('v5e', (2, 4)) for 'v5e:2x4'; raises UserError naming --topology."""
-  m = re.fullmatch(r"(v\w+):(\d+(?:x\d+)*)", str(name or "").strip())
-  chip = m and m.group(1)
-  if not m or chip not in CHIPS:
-    raise UserError(f"--topology={name!r}: expected CHIP:AxB[xC] with CHIP one of {', '.join(CHIPS)} "
-                    "(e.g. v5e:1x1, v5e:2x4, v4:2x2x1, v5p:2x2x1)")
-  dims = tuple(int(x) for x in m.group(2).split("x"))
-  if len(dims) != _DIMS[chip] or min(dims) < 1:
-    example = "x".join(["2"] * (_DIMS[chip] - 1) + ["1"])
-    raise UserError(f"--topology={name!r}: a {chip} topology has {_DIMS[chip]} positive dimensions, "
-                    f"e.g. {chip}:{example}")
-  return chip, dims
-
-
-def topology_devices(name: str) -> list:
-  """The compile-only devices of a TPU topology (one per chip)."""
-  chip, dims = parse_topology(name)
-  if importlib.util.find_spec("libtpu") is None:
-    raise UserError(f"--topology={name}: compiling for TPU needs libtpu on this host; install the pin in "
-                    "requirements.txt (pip install 'jax[tpu]==0.10.2')")
-  # Only compiles happen here; let a second process (a test, a training run on the CPU) use libtpu too.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies
-  kwargs = {"chip_config_name": "megacore" if CHIPS[chip].megacore else "default"}
-  if math.prod(dims) == 1:
-    kwargs["chips_per_host_bounds"] = (1, 1, 1)  # libtpu's default host is larger than one chip
-  try:
-    return list(topologies.get_topology_desc(topology_name=f"{chip}:{'x'.join(map(str, dims))}",
-                                             platform="tpu", **kwargs).devices)
-  except (RuntimeError, ValueError) as e:
-    raise UserError(f"--topology={name}: libtpu refused it ({str(e).splitlines()[0][:300]})") from None
-
-
-def topology_mesh(name: str, mesh_sizes=(1, -1, 1)) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over the devices of topology `name`; one size may be -1 (the rest)."""
-  return S.make_mesh(*mesh_sizes, devices=topology_devices(name))
-
-
-def model_config_of(path: str) -> tuple[ModelConfig, str]:
-  """(architecture, where it came from) of a model PATH without the network: a known hub id or
-  preset name, else a local HF directory or .gguf file."""
-  path = str(path or "embedded")
-  if os.path.exists(path):
-    return loading.load_config(path), path
-  if path in HUB_PRESETS:
-    return PRESETS[HUB_PRESETS[path]], f"preset {HUB_PRESETS[path]}"
-  if path in PRESETS:
-    return PRESETS[path], f"preset {path}"
-  raise UserError(f"model.path={path!r}: not a local model and not a hub id known offline "
-                  f"({', '.join(k for k in HUB_PRESETS if '/' in k)}); ahead-of-time compilation needs no weights, "
-                  "only the architecture: pass a local HF directory with its config.json")
 
 
 # ----------------------------------------------------------------------------------------------
 # Compiling
 
 
-def micro_batch_rows(c: ml_collections.ConfigDict) -> int:
-  """Rows of one micro-batch: sequences, or chosen + rejected rows of the pairs for dpo."""
-  return c.train.batch_size * (2 if c.stage == "dpo" else 1)
-
-
-def abstract_batch(c: ml_collections.ConfigDict, mesh) -> tuple[dict, dict]:
-  """(batch, shardings): int32 [grad_accum, rows, max_length] leaves, as the training loop feeds them."""
-  shape = (c.train.grad_accum, micro_batch_rows(c), c.data.max_length)
+def abstract_batch(c: C.StageConfig, mesh) -> tuple[dict, dict]:
+  """(batch, shardings): int32 [grad_accum, rows, max_length] leaves (and the objective's extra inputs),
+  as the training loop feeds them."""
+  shape = (c.train.grad_accum, ST.micro_batch_rows(c), c.data.max_length)
   shardings = {k: S.batch_sharding(mesh, 3, leading=1) for k in BATCH_KEYS}
-  if c.stage == "dpo" and c.dpo.reference == "precomputed":
-    shardings["ref_logps"] = S.batch_sharding(mesh, 2, leading=1)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s) for k, s in shardings.items()}
-  if "ref_logps" in batch:
-    batch["ref_logps"] = jax.ShapeDtypeStruct(shape[:2], jnp.float32, sharding=shardings["ref_logps"])
+  for name, (rank, dtype) in STEP.objective(c.stage).extra_inputs(c).items():
+    shardings[name] = S.batch_sharding(mesh, rank, leading=1)
+    batch[name] = jax.ShapeDtypeStruct(shape[:rank], dtype, sharding=shardings[name])
   return batch, shardings
 
 
-def lower_step(c: ml_collections.ConfigDict, model_config: ModelConfig, mesh):
-  """(abstract stage, lowered step): `train.compile_step` lowered on abstract inputs, under the mesh and
+def lower_step(c: C.StageConfig, model_config: ModelConfig, mesh):
+  """(abstract stage, lowered step): `step.compile_step` lowered on abstract inputs, under the mesh and
   the logical-axis rules as training runs it."""
-  stage = train.abstract_stage(c, model_config, mesh)
-  tx, _ = train.make_optimizer(c, total_steps=1000)
+  stage = ST.abstract_stage(c, model_config, mesh)
+  tx, _ = make_optimizer(c.train, total_steps=1000)
   batch, shardings = abstract_batch(c, mesh)
-  step = train.compile_step(stage, tx, shardings)
+  step = STEP.compile_step(stage, tx, shardings)
   key = jax.eval_shape(jax.random.key, 0)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
   return stage, step.lower(stage.state, stage.frozen, batch, rng)
 
 
-def _lower_update(stage: train.Stage, tx):
+def _lower_update(stage: ST.Stage, tx):
   """The step's update alone (global norm, optax update, apply) on the trainable tree, lowered."""
 
   def update(state, grads):
@@ -246,86 +147,6 @@ def _shard_bytes(x) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# The analytic count
-
-
-def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, length: int, grad_accum: int,
-                   remat: str, reference_forward: bool, head_weight_grad: bool = False,
-                   attention: str = "dot") -> dict:
-  """FLOPs of one optimizer step (all chips): {"model": without recomputation, "executed": with it,
-  "kernel": the executed FLOPs inside Pallas kernels, "formula"}.
-
-  Matmuls only (2 per multiply-add); norms, softmax, RoPE, SiLU, the loss,
-  dequantization and the optimizer are left out (a few percent at most for these models).
-  "model" counts attention over the full T x T whatever the kernel, so that MFU
-  compares kernels on the same work; "executed" counts what the kernel computes.
-  """
-  d, v, n_layers = mc.hidden_size, mc.vocab_size, mc.num_layers
-  dims = LA.projection_dims(mc)
-  frozen = sum(i * o for i, o in dims.values())  # per layer
-  adapters = sum(lora_rank * (i + o) for name, (i, o) in dims.items() if name in lora_targets)
-  tokens = rows * length
-  attn = 4 * rows * length ** 2 * mc.num_heads * mc.head_dim  # QK^T and PV over the full T x T
-  if attention == "splash":
-    # Only the tiles on or below the diagonal are computed (of the padded length). The backward kernels
-    # recompute Q K^T from the saved log-sum-exp: 7 tile products (dq: QK^T, dO V^T, dS K; dk and dv:
-    # QK^T, P^T dO, dO V^T, dS^T Q) against autodiff's 4.
-    computed, _ = splash.causal_blocks(length)
-    attn_fwd = 4 * rows * computed * splash.block_size(length) ** 2 * mc.num_heads * mc.head_dim
-    attn_bwd = 3.5 * attn_fwd
-  else:
-    attn_fwd, attn_bwd = attn, 2 * attn
-  layer_fwd = 2 * tokens * (frozen + adapters) + attn
-  head = 2 * tokens * d * v
-  fwd = n_layers * layer_fwd + head
-  # Layer 0's q/k/v products need no input gradient (the embedding is frozen): not counted.
-  qkv = ("q_proj", "k_proj", "v_proj")
-  unneeded = sum(2 * tokens * dims[p][0] * (dims[p][1] + (lora_rank if p in lora_targets else 0)) for p in qkv)
-  bwd = (n_layers * (2 * tokens * frozen + 4 * tokens * adapters + 2 * attn) - unneeded
-         + head * (2 if head_weight_grad else 1))
-  ref = n_layers * (2 * tokens * frozen + attn) + head if reference_forward else 0
-  # Full remat recomputes a layer's forward except down_proj's product: the backward pass needs
-  # its input (and the adapter's x A), not its output. Under "dots" every product is saved; under
-  # "dots_no_batch" the attention products (batched einsums) are not.
-  f_in, f_out = dims["down_proj"]
-  last = 2 * tokens * f_in * f_out + (2 * tokens * lora_rank * f_out if "down_proj" in lora_targets else 0)
-  recompute = {"none": 0, "full": n_layers * (layer_fwd - last), "dots": 0, "dots_no_batch": n_layers * attn}[remat]
-  kernel = 0
-  if attention == "splash":
-    # A Pallas call is not a dot: every remat policy recomputes its forward.
-    recompute += {"none": 0, "full": n_layers * (attn_fwd - attn), "dots": n_layers * attn_fwd,
-                  "dots_no_batch": n_layers * (attn_fwd - attn)}[remat]
-    kernel = grad_accum * n_layers * (attn_fwd + attn_bwd + (attn_fwd if reference_forward else 0)
-                                      + (attn_fwd if remat != "none" else 0))
-  model = grad_accum * (fwd + bwd + ref)
-  # What the kernel executes instead of the model's full T x T (forward, backward, DPO reference).
-  swap = grad_accum * n_layers * ((attn_fwd - attn) * (2 if reference_forward else 1) + attn_bwd - 2 * attn)
-  formula = (
-      f"per micro-batch of n = rows x T = {rows} x {length} tokens, per layer (L = {n_layers}): forward "
-      f"2 n P + 2 n P_lora + A, backward 2 n P (input gradients only, frozen weights get none) + 4 n P_lora "
-      f"(input and weight gradients) + 2 A, less layer 0's q/k/v input gradients (nothing upstream needs them; "
-      f"the layer scan computes them anyway); lm_head 2 n D V forward + 2 n D V backward"
-      f"{' + 2 n D V weight gradient' if head_weight_grad else ''}"
-      f"{'; DPO reference forward (adapters off) L (2 n P + A) + 2 n D V' if reference_forward else ''}; "
-      f"times {grad_accum} micro-batches. P = {frozen} frozen projection weights per layer, P_lora = {adapters} "
-      f"adapter weights per layer, A = 4 rows T^2 N H = {attn} attention FLOPs per layer (QK^T and PV over the "
-      f"full T x T), D = {d}, V = {v}. "
-      + ("With attention=dot the causal mask is applied, not skipped: A forward, 2 A backward are computed. "
-         if attention != "splash" else
-         f"With attention=splash the kernel computes only the {splash.causal_blocks(length)[0]} of "
-         f"{splash.causal_blocks(length)[1]} tiles ({splash.block_size(length)} x {splash.block_size(length)}) "
-         f"on or below the diagonal: A_s = {attn_fwd:.6g} forward, 3.5 A_s backward (7 tile products, "
-         f"Q K^T recomputed), so 'executed' counts A_s and 3.5 A_s where 'model' counts A and 2 A; the "
-         f"compiler counts no FLOPs inside a Pallas call, so the kernel's {kernel:.6g} FLOPs of the step "
-         "are added to its count. ")
-      + f"'executed' adds the remat={remat} recomputation of the forward ({recompute} per micro-batch; full: "
-      "all but down_proj's product, whose output the backward does not need). Matmuls only.")
-  return {"model": float(model), "executed": float(model + swap + grad_accum * recompute), "kernel": float(kernel),
-          "formula": formula,
-          "attention_share": float(grad_accum * n_layers * attn * (3 + (1 if reference_forward else 0)) / model)}
-
-
-# ----------------------------------------------------------------------------------------------
 # Is the frozen base still 4-bit in the TPU program?
 
 _HLO_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*)\[([\d,]*)\]")
@@ -338,7 +159,7 @@ def _entry_parameters(hlo: str) -> collections.Counter:
   return collections.Counter((t, tuple(int(x) for x in s.split(",") if x)) for t, s in _HLO_ARRAY.findall(params))
 
 
-def frozen_weights_check(stage: train.Stage, hlo: str) -> dict:
+def frozen_weights_check(stage: ST.Stage, hlo: str) -> dict:
   """Per-device bytes of the frozen tree, and evidence from the compiled TPU program that the
   quantized projections arrive as their 4-bit codes (u8, two weights per byte) and that no
   dense float copy of a stacked projection [L, I, O] exists anywhere in the program."""
@@ -383,17 +204,6 @@ def frozen_weights_check(stage: train.Stage, hlo: str) -> dict:
 # The report
 
 
-def _replace(c: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
-  out = ml_collections.ConfigDict(c.to_dict())
-  for key, value in fields.items():
-    node = out
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return out
-
-
 def _progress(message: str) -> None:
   print(f"aot: {message}", file=sys.stderr, flush=True)
 
@@ -406,13 +216,14 @@ def _oom(error: Exception) -> str | None:
   return " ".join(line.strip() for line in text.splitlines()[:2])[:500]
 
 
-def compile_report(c: ml_collections.ConfigDict, topology: str, *, cross_check: bool = True) -> dict:
+def compile_report(c, topology: str, *, cross_check: bool = True) -> dict:
   """Compiles the stage's train step for `topology` and reports memory, FLOPs and an estimated speed.
 
   The keys are listed in INTERFACE.md (scripts/aot_compile.py); per-device
   values are for one chip, `model_flops` for the whole step on all chips.
   """
-  stage_config.validate(c)
+  c = C.freeze(c)
+  C.validate(c)
   chip_name, _ = parse_topology(topology)
   chip = CHIPS[chip_name]
   model_config, source = model_config_of(c.model.path)
@@ -422,13 +233,13 @@ def compile_report(c: ml_collections.ConfigDict, topology: str, *, cross_check: 
   if c.train.batch_size % shards:
     raise UserError(f"config field 'train.batch_size'={c.train.batch_size}: not divisible by mesh.data x mesh.fsdp "
                     f"= {shards}, the devices the batch is split over")
-  rows, length, accum = micro_batch_rows(c), c.data.max_length, c.train.grad_accum
-  groups = tuple(g.strip() for g in c.train.trainable.split(",") if g.strip())
+  rows, length, accum = ST.micro_batch_rows(c), c.data.max_length, c.train.grad_accum
+  groups = C.trainable_groups(c)
   head_grad = ("lm_head" in groups and not model_config.tie_word_embeddings) or (
       "embed_tokens" in groups and model_config.tie_word_embeddings)
-  counted = analytic_flops(model_config, c.lora.rank, tuple(c.lora.targets.split(",")), rows=rows, length=length,
+  counted = analytic_flops(model_config, c.lora.rank, tuple(files.split_list(c.lora.targets)), rows=rows, length=length,
                            grad_accum=accum, remat=c.model.remat, head_weight_grad=head_grad,
-                           reference_forward=c.stage == "dpo" and c.dpo.reference == "base",
+                           reference_forward=STEP.objective(c.stage).reference_forward(c),
                            attention=c.model.attention)
   report = {
       "topology": topology, "chip": chip_name, "devices": devices, "mesh": dict(mesh.shape), "stage": c.stage,
@@ -447,9 +258,9 @@ def compile_report(c: ml_collections.ConfigDict, topology: str, *, cross_check: 
   stage, lowered = lower_step(c, model_config, mesh)
   jobs = [lowered]
   if cross_check:
-    small = _replace(c, **{"model.scan_layers": False, "train.grad_accum": 1})
+    small = C.replace(c, **{"model.scan_layers": False, "train.grad_accum": 1})
     jobs += [lower_step(small, dataclasses.replace(model_config, num_layers=n), mesh)[1] for n in (1, 2)]
-    jobs.append(_lower_update(stage, train.make_optimizer(c, total_steps=1000)[0]))
+    jobs.append(_lower_update(stage, make_optimizer(c.train, total_steps=1000)[0]))
   _progress(f"compiling the {c.stage} step for {topology} ({devices} devices, mesh {dict(mesh.shape)})"
             + (", and 1- and 2-layer unrolled steps and the update alone to count FLOPs and bytes" if cross_check
                else ""))
@@ -512,7 +323,7 @@ def compile_report(c: ml_collections.ConfigDict, topology: str, *, cross_check: 
   return report
 
 
-def fit_micro_batch(c: ml_collections.ConfigDict, topology: str) -> tuple[ml_collections.ConfigDict, dict, list[dict]]:
+def fit_micro_batch(c, topology: str) -> tuple[C.StageConfig, dict, list[dict]]:
   """(config, report, trials): the largest micro-batch, at most the config's, that fits `topology`, its
   `compile_report` without cross-check, and what each tried size needed.
 
@@ -522,6 +333,7 @@ def fit_micro_batch(c: ml_collections.ConfigDict, topology: str) -> tuple[ml_col
   step's batch and a multiple of the devices the batch is split over; each
   trial is one compile of the step (no cross-check programs).
   """
+  c = C.freeze(c)
   mesh = topology_mesh(topology, (c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   total = c.train.batch_size * c.train.grad_accum
@@ -529,7 +341,7 @@ def fit_micro_batch(c: ml_collections.ConfigDict, topology: str) -> tuple[ml_col
   for size in range(c.train.batch_size, 0, -1):
     if total % size or size % shards:
       continue
-    trial = _replace(c, **{"train.batch_size": size, "train.grad_accum": total // size})
+    trial = C.replace(c, **{"train.batch_size": size, "train.grad_accum": total // size})
     report = compile_report(trial, topology, cross_check=False)
     trials.append({"batch_size": size, "grad_accum": total // size, "fits": report["fits"],
                    "total_bytes": (report["per_device_bytes"] or {}).get("total"),
@@ -538,16 +350,5 @@ def fit_micro_batch(c: ml_collections.ConfigDict, topology: str) -> tuple[ml_col
     if report["fits"]:
       return trial, report, trials
   raise UserError(f"--topology={topology}: no micro-batch of the step's {total} "
-                  f"{'pairs' if c.stage == 'dpo' else 'rows'} fits, down to {shards} per micro-batch "
+                  f"{STEP.objective(c.stage).example_name} fits, down to {shards} per micro-batch "
                   f"({shards} device(s) share it); use a larger topology or a shorter data.max_length")
-
-
-def write_json(path: str, value) -> None:
-  """Writes `value` as JSON atomically (a temporary file, then a rename)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)

@@ -44,5 +44,13 @@ class Checkpoints:
                                                               data=ocp.args.JsonRestore()))
     return out["state"], dict(out["data"])
 
+  def restore_params(self, step: int, like) -> dict:
+    """Only the trainable parameters of checkpoint `step`, laid out like `like`: no optimizer state is read."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
+    out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        {"params": abstract}, restore_args={"params": restore_args}, partial_restore=True)))
+    return out["state"]["params"]
+
   def close(self) -> None:
     self._manager.close()

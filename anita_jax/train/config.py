@@ -1,93 +1,234 @@
-"""The ConfigDict of one training stage: every field, its default, and validation.
+"""One training stage's configuration: every field, its default, validation, and the ConfigDict boundary.
 
-Recipe configs (`configs/*.py`) start from `stage_config(stage)` and change
-fields; `--config.FIELD=VALUE` overrides any of them. Only the training entry
-point reads a ConfigDict; it turns the fields into plain arguments.
+The frozen dataclasses below are the one list of fields. Recipe configs
+(`configs/*.py`) start from `stage_config(stage)`, a ConfigDict built from
+them, and change fields; `--config.FIELD=VALUE` overrides any of them.
+`freeze` turns that ConfigDict into a `StageConfig`, validated: this is the
+only module that imports ml_collections, and everything below the entry
+points reads plain frozen dataclasses. Importable without JAX.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import typing
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
+from anita_jax import files
 from anita_jax.errors import UserError
 from anita_jax.model.config import ATTENTION_KINDS, PROJECTIONS, REMAT_POLICIES
 
 STAGES = ("sft", "dpo", "lm")
+_frozen = dataclasses.dataclass(frozen=True)
+
+
+@_frozen
+class ModelFields:
+  path: str = "embedded"  # a model PATH; "embedded" = the SmolLM2-135M-Instruct GGUF
+  tokenizer: str | None = None  # default: model.path
+  dtype: str = "float32"  # compute dtype: float32 | bfloat16
+  scan_layers: bool = True
+  remat: str = "none"  # none | full | dots | dots_no_batch
+  # Training/eval attention: dot (plain, materialises the [T, T] scores) | splash (blockwise Pallas TPU
+  # kernel, skips the masked tiles; for long sequences on TPU). Decoding with a KV cache always uses dot.
+  attention: str = "dot"
+  license: str = "apache-2.0"  # of the base model, for exported model cards
+
+
+@_frozen
+class GenerationFields:
+  """Sampling defaults written into exported generation_config.json (temperature 0: greedy)."""
+
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int = 0
+  max_new_tokens: int = 256
+
+
+@_frozen
+class QuantFields:
+  type: str = "nf4"  # none | nf4 | int4
+  block_size: int = 64
+  double_quant: bool = True
+
+
+@_frozen
+class LoraFields:
+  rank: int = 16
+  alpha: float = 8.0
+  dropout: float = 0.0
+  rslora: bool = False
+  targets: str = ",".join(PROJECTIONS)
+
+
+@_frozen
+class DataFields:
+  train: str = ""  # a file, directory or hub id; several separated by commas
+  eval: str = ""
+  config_name: str | None = None
+  split: str = "train"
+  eval_split: str = "train"
+  format: str = "auto"
+  max_length: int = 512
+  max_prompt_length: int | None = None  # dpo
+  packing: bool = False
+  mask: str = "all"  # all (ANITA) | assistant
+  truncation: str = "truncate"  # truncate | drop
+  max_rows: int | None = None
+
+
+@_frozen
+class TrainFields:
+  steps: int = 0  # 0: derived from train.epochs
+  epochs: int = 1
+  batch_size: int = 8
+  grad_accum: int = 1
+  lr: float = 2e-4
+  schedule: str = "linear"  # linear | cosine | constant
+  warmup_steps: int = 0
+  warmup_ratio: float = 0.0
+  weight_decay: float = 0.01
+  max_grad_norm: float = 1.0
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 0  # 0: only at the end
+  eval_on_start: bool = False  # also evaluate the untrained model (logged as step 0), as HF's eval_on_start
+  trainable: str = "lora"  # comma list of: lora, embed_tokens, lm_head, norms
+  on_nonfinite: str = "stop"  # stop | skip
+
+
+@_frozen
+class DpoFields:
+  beta: float = 0.1
+  loss_type: str = "sigmoid"
+  label_smoothing: float = 0.0
+  sft_weight: float = 0.0
+  reference: str = "base"  # base (adapters disabled) | precomputed
+
+
+@_frozen
+class CheckpointFields:
+  every: int = 100
+  keep: int = 2
+
+
+@_frozen
+class MeshFields:
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+
+@_frozen
+class StageConfig:
+  stage: str = "sft"
+  init_from: str | None = None  # a previous stage's workdir
+  merge_into: str = "dequantized"  # | "original"
+  model: ModelFields = ModelFields()
+  generation: GenerationFields = GenerationFields()
+  quant: QuantFields = QuantFields()
+  lora: LoraFields = LoraFields()
+  data: DataFields = DataFields()
+  train: TrainFields = TrainFields()
+  dpo: DpoFields = DpoFields()
+  checkpoint: CheckpointFields = CheckpointFields()
+  mesh: MeshFields = MeshFields()
+
+
+def _hints(cls) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def _to_config_dict(obj) -> ml_collections.ConfigDict:
+  out = ml_collections.ConfigDict()
+  hints = _hints(type(obj))
+  for f in dataclasses.fields(obj):
+    value = getattr(obj, f.name)
+    if dataclasses.is_dataclass(value):
+      out[f.name] = _to_config_dict(value)
+    elif value is None:  # an optional field: typed, so --config.FIELD=VALUE parses
+      kind = next(t for t in typing.get_args(hints[f.name]) if t is not type(None))
+      out[f.name] = config_dict.placeholder(kind)
+    else:
+      out[f.name] = value
+  return out
 
 
 def stage_config(stage: str = "sft") -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.stage = stage
-  c.init_from = config_dict.placeholder(str)  # a previous stage's workdir
-  c.merge_into = "dequantized"  # | "original"
+  """The ConfigDict of a stage with every field at its default, for configs/*.py and --config flags."""
+  return _to_config_dict(StageConfig(stage=stage))
 
-  c.model = ml_collections.ConfigDict()
-  c.model.path = "embedded"  # a model PATH; "embedded" = the SmolLM2-135M-Instruct GGUF
-  c.model.tokenizer = config_dict.placeholder(str)  # default: model.path
-  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
-  c.model.scan_layers = True
-  c.model.remat = "none"  # none | full | dots | dots_no_batch
-  # Training/eval attention: dot (plain, materialises the [T, T] scores) | splash (blockwise Pallas TPU
-  # kernel, skips the masked tiles; for long sequences on TPU, interpreted and slow elsewhere).
-  # Decoding with a KV cache always uses dot.
-  c.model.attention = "dot"
-  c.model.license = "apache-2.0"  # of the base model, for exported model cards
 
-  # Sampling defaults written into exported generation_config.json (temperature 0: greedy).
-  c.generation = ml_collections.ConfigDict({"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 256})
+def _build(cls, values: dict, prefix: str = ""):
+  known = {f.name: f for f in dataclasses.fields(cls)}
+  for key in values:
+    if key not in known:
+      raise UserError(f"config field '{prefix}{key}' does not exist")
+  kwargs = {}
+  for name, f in known.items():
+    if name not in values:
+      continue
+    value, default = values[name], getattr(cls(), name)
+    if dataclasses.is_dataclass(default):
+      if not isinstance(value, dict):
+        raise UserError(f"config field '{prefix}{name}' must be a group of fields, not {value!r}")
+      value = _build(type(default), value, f"{prefix}{name}.")
+    kwargs[name] = value
+  return cls(**kwargs)
 
-  c.quant = ml_collections.ConfigDict({"type": "nf4", "block_size": 64, "double_quant": True})
 
-  c.lora = ml_collections.ConfigDict()
-  c.lora.rank = 16
-  c.lora.alpha = 8.0
-  c.lora.dropout = 0.0
-  c.lora.rslora = False
-  c.lora.targets = ",".join(PROJECTIONS)
+def from_dict(values: dict) -> StageConfig:
+  """A StageConfig of nested dicts (missing fields: defaults; unknown fields: an error)."""
+  return _build(StageConfig, values)
 
-  c.data = ml_collections.ConfigDict()
-  c.data.train = ""  # a file, directory or hub id; several separated by commas
-  c.data.eval = ""
-  c.data.config_name = config_dict.placeholder(str)
-  c.data.split = "train"
-  c.data.eval_split = "train"
-  c.data.format = "auto"
-  c.data.max_length = 512
-  c.data.max_prompt_length = config_dict.placeholder(int)  # dpo
-  c.data.packing = False
-  c.data.mask = "all"  # all (ANITA) | assistant
-  c.data.truncation = "truncate"  # truncate | drop
-  c.data.max_rows = config_dict.placeholder(int)
 
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = 0  # 0: derived from train.epochs
-  c.train.epochs = 1
-  c.train.batch_size = 8
-  c.train.grad_accum = 1
-  c.train.lr = 2e-4
-  c.train.schedule = "linear"  # linear | cosine | constant
-  c.train.warmup_steps = 0
-  c.train.warmup_ratio = 0.0
-  c.train.weight_decay = 0.01
-  c.train.max_grad_norm = 1.0
-  c.train.seed = 0
-  c.train.log_every = 10
-  c.train.eval_every = 0  # 0: only at the end
-  c.train.eval_on_start = False  # also evaluate the untrained model (logged as step 0), as HF's eval_on_start
-  c.train.trainable = "lora"  # comma list of: lora, embed_tokens, lm_head, norms
-  c.train.on_nonfinite = "stop"  # stop | skip
+def freeze(c) -> StageConfig:
+  """The StageConfig of a stage's ConfigDict (a StageConfig is returned as is). Not validated: see `validate`."""
+  return c if isinstance(c, StageConfig) else from_dict(c.to_dict())
 
-  c.dpo = ml_collections.ConfigDict()
-  c.dpo.beta = 0.1
-  c.dpo.loss_type = "sigmoid"
-  c.dpo.label_smoothing = 0.0
-  c.dpo.sft_weight = 0.0
-  c.dpo.reference = "base"  # base (adapters disabled) | precomputed
 
-  c.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 2})
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-  return c
+def to_dict(c: StageConfig) -> dict:
+  return dataclasses.asdict(c)
+
+
+def replace(c: StageConfig, **fields) -> StageConfig:
+  """c with dotted fields changed: replace(c, **{"train.batch_size": 4})."""
+  changes: dict = {}
+  for dotted, value in fields.items():
+    *groups, name = dotted.split(".")
+    node = changes
+    for g in groups:
+      node = node.setdefault(g, {})
+    node[name] = value
+
+  def apply(obj, delta):
+    kwargs = {k: apply(getattr(obj, k), v) if isinstance(v, dict) else v for k, v in delta.items()}
+    return dataclasses.replace(obj, **kwargs)
+
+  return apply(c, changes)
+
+
+def trainable_groups(c: StageConfig) -> tuple[str, ...]:
+  return tuple(files.split_list(c.train.trainable))
+
+
+def read_config(workdir: str) -> StageConfig:
+  """The StageConfig a training workdir was made with (its config.json)."""
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f"{path}: not a readable workdir config ({e})") from None
+  try:
+    return from_dict(saved)
+  except UserError as e:
+    raise UserError(f"{path}: {e}") from None
 
 
 def _choice(value, field: str, choices) -> None:
@@ -95,7 +236,7 @@ def _choice(value, field: str, choices) -> None:
     raise UserError(f"config field '{field}'={value!r}: expected one of {', '.join(map(str, choices))}")
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
+def validate(c: StageConfig) -> None:
   """Raises UserError naming the first field whose value cannot work."""
   _choice(c.stage, "stage", STAGES)
   _choice(c.merge_into, "merge_into", ("dequantized", "original"))

@@ -1,0 +1,150 @@
+"""Files: written whole or not at all, JSON Lines read with errors naming the line, comma lists.
+
+The one way the package does each of these. It sits beside `errors` at the bottom of the layers
+and imports only the standard library and `errors`.
+
+- `atomic_write(path, write)`: `write` fills a sibling temporary file, which is fsynced, renamed
+  over `path` and its directory fsynced. A crash at any point leaves either the old file or the
+  new one, never a mix; after a power loss the new one is there once `atomic_write` has returned.
+  `write_text` and `write_json` are the common cases.
+- `fsync_file` / `fsync_tree`: the flushes `atomic_write` does, for directories written whole
+  (`convert.export.atomic_dir`).
+- `read_jsonl(path)`: the rows of a JSON Lines file with their 1-based line numbers; every
+  problem is a `UserError` naming the file and the line.
+- `split_list(value)`: "a, b,,c" -> ["a", "b", "c"] (config fields and flags that hold lists).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from anita_jax.errors import UserError
+
+
+# Writing -----------------------------------------------------------------------------------------
+
+def fsync_file(path: str) -> None:
+  """Flushes the file or directory `path` to disk (a directory's fsync makes its renames durable)."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def fsync_tree(root: str) -> None:
+  """Flushes every file under `root`, then each directory from the deepest up to `root` itself."""
+  for directory, _, names in os.walk(root, topdown=False):
+    for name in names:
+      fsync_file(os.path.join(directory, name))
+    fsync_file(directory)
+
+
+def temporary_path(path: str) -> str:
+  """The sibling temporary name `atomic_write` uses: `dir/name.tmp-PID.ext`.
+
+  It keeps the extension, so writers that go by it (`np.save` adds ".npy" otherwise) write
+  exactly this file, and the same directory, so the final rename never crosses file systems.
+  """
+  root, ext = os.path.splitext(path)
+  return f"{root}.tmp-{os.getpid()}{ext}"
+
+
+def atomic_write(path: str, write: Callable[[str], Any]) -> None:
+  """Replaces `path` with what `write(tmp)` puts into the temporary file `tmp`, atomically.
+
+  `tmp` is fsynced, renamed over `path` (os.replace) and the directory fsynced. On any exception
+  (KeyboardInterrupt included) `tmp` is removed and an existing `path` is left as it was. The
+  directory must exist.
+  """
+  tmp = temporary_path(path)
+  try:
+    write(tmp)
+    fsync_file(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+  fsync_file(os.path.dirname(os.path.abspath(path)))
+
+
+def write_text(path: str, text: str) -> None:
+  """`text` into `path` as UTF-8, atomically (see `atomic_write`)."""
+  def write(tmp: str) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+  atomic_write(path, write)
+
+
+def write_json(path: str, obj: Any, *, sort_keys: bool = True, ensure_ascii: bool = True) -> None:
+  """`obj` as indented JSON (indent 2, a final newline) into `path`, atomically.
+
+  sort_keys=False keeps the order of `obj` where it carries meaning (a report); ensure_ascii=False
+  writes non-ASCII text as itself rather than as \\u escapes. An object JSON cannot encode raises
+  TypeError before any file is touched.
+  """
+  write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=ensure_ascii) + "\n")
+
+
+# Reading -----------------------------------------------------------------------------------------
+
+def read_jsonl(path: str, *, data: bytes | None = None, skip_cut_last_line: bool = False) -> list[tuple[int, dict]]:
+  """(1-based line number, row) for each non-blank line of the JSON Lines file `path`.
+
+  Every row must be a JSON object. Lines end at "\\n" ("\\r\\n" also reads); a UTF-8 byte-order
+  mark before the first line is ignored. Errors are one `UserError`, `PATH:LINE: problem`
+  (`PATH: problem` when the file cannot be read).
+
+  data: the file's bytes, when the caller has read them already.
+  skip_cut_last_line: a last line without its newline that does not parse is ignored instead of
+    refused: what an appending writer killed mid-line leaves.
+  """
+  if data is None:
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+    except FileNotFoundError:
+      raise UserError(f"{path}: no such file") from None
+    except OSError as e:
+      raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+  lines = data.split(b"\n")
+  rows = []
+  for number, raw in enumerate(lines, 1):
+    cut = skip_cut_last_line and number == len(lines)  # `raw` is not "" only when the file ends without "\n"
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      if cut:
+        break
+      raise UserError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+    if number == 1:
+      line = line.lstrip("\ufeff")
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      if cut:
+        break
+      raise UserError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+      raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+    rows.append((number, row))
+  return rows
+
+
+# Lists -------------------------------------------------------------------------------------------
+
+def split_list(value: str | Iterable[str]) -> list[str]:
+  """The items of a comma-separated string, stripped, empty ones dropped.
+
+  A list or tuple (an absl list flag, a config field set from Python) is taken item by item the
+  same way.
+  """
+  items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+  return [s.strip() for s in items if s.strip()]

@@ -1,0 +1,55 @@
+"""The one token scorer: log p(token | prefix) of a batch under a model, for training, eval and reports.
+
+`token_stats` runs the model to its final normed hidden states and applies the
+head itself, a few positions at a time (`losses.head_token_stats`): the
+[B, T, V] logits are never materialised. A head that is being trained needs
+its own gradient, so `head_trainable=True` takes the plain logits path.
+`head_logits` gives the logits of selected positions (lm-eval's scorer).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from anita_jax.model import losses
+from anita_jax.model import quant as Q
+
+Array = jax.Array
+
+
+def _apply(model, params, batch, rngs, logits: bool, **model_kwargs):
+  out, _ = model.clone(**model_kwargs).apply(
+      {"params": params}, batch["input_ids"], batch.get("positions"), batch.get("segment_ids"), rngs=rngs or {},
+      logits=logits)
+  return out
+
+
+def hidden_states(model, params, batch, *, rngs=None, **model_kwargs) -> Array:
+  """The final normed hidden states [B, T, D] in the model's dtype."""
+  return _apply(model, params, batch, rngs, False, **model_kwargs)
+
+
+def head(model, params) -> tuple[Array, bool]:
+  """(head matrix, vocab_major): the tied embedding [V, D] or the lm_head kernel [D, V], dequantized."""
+  if model.config.tie_word_embeddings:
+    return params["embed_tokens"]["embedding"], True
+  return Q.dequantize(params["lm_head"]["kernel"], model.dtype), False
+
+
+def head_logits(model, params, hidden_bcd: Array) -> Array:
+  """fp32 logits [B, C, V] of hidden states, as `Llama.__call__` computes them."""
+  w, vocab_major = head(model, params)
+  w = w.astype(model.dtype)
+  return jnp.dot(hidden_bcd.astype(model.dtype), w.T if vocab_major else w).astype(jnp.float32)
+
+
+def token_stats(model, params, batch, *, head_trainable: bool = False, chunk: int = 16, rngs=None,
+                **model_kwargs) -> tuple[Array, Array]:
+  """(log p of each token given the tokens before it [B, T], mean logit predicting it [B, T]), fp32,
+  0 at t = 0 (see `losses.token_stats`). model_kwargs override module fields (adapters_enabled, ...)."""
+  if head_trainable:  # the head's own gradient needs the plain logits
+    return losses.token_stats(_apply(model, params, batch, rngs, True, **model_kwargs), batch["input_ids"])
+  hidden = hidden_states(model, params, batch, rngs=rngs, **model_kwargs)
+  w, vocab_major = head(model, params)
+  return losses.head_token_stats(hidden, w, batch["input_ids"], vocab_major=vocab_major, chunk=chunk)

@@ -1,0 +1,83 @@
+"""The analytic FLOP count of one LoRA training step, the cross-check of the compiler's count (`aot`)."""
+
+from __future__ import annotations
+
+from anita_jax.model import lora as LA
+from anita_jax.model import splash
+from anita_jax.model.config import ModelConfig
+
+
+def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, length: int, grad_accum: int,
+                   remat: str, reference_forward: bool, head_weight_grad: bool = False,
+                   attention: str = "dot") -> dict:
+  """FLOPs of one optimizer step (all chips): {"model": without recomputation, "executed": with it,
+  "kernel": the executed FLOPs inside Pallas kernels, "formula"}.
+
+  Matmuls only (2 per multiply-add); norms, softmax, RoPE, SiLU, the loss,
+  dequantization and the optimizer are left out (a few percent at most for these models).
+  "model" counts attention over the full T x T whatever the kernel, so that MFU
+  compares kernels on the same work; "executed" counts what the kernel computes.
+  """
+  d, v, n_layers = mc.hidden_size, mc.vocab_size, mc.num_layers
+  dims = LA.projection_dims(mc)
+  frozen = sum(i * o for i, o in dims.values())  # per layer
+  adapters = sum(lora_rank * (i + o) for name, (i, o) in dims.items() if name in lora_targets)
+  tokens = rows * length
+  attn = 4 * rows * length ** 2 * mc.num_heads * mc.head_dim  # QK^T and PV over the full T x T
+  if attention == "splash":
+    # Only the tiles on or below the diagonal are computed (of the padded length). The backward kernels
+    # recompute Q K^T from the saved log-sum-exp: 7 tile products (dq: QK^T, dO V^T, dS K; dk and dv:
+    # QK^T, P^T dO, dO V^T, dS^T Q) against autodiff's 4.
+    computed, _ = splash.causal_blocks(length)
+    attn_fwd = 4 * rows * computed * splash.block_size(length) ** 2 * mc.num_heads * mc.head_dim
+    attn_bwd = 3.5 * attn_fwd
+  else:
+    attn_fwd, attn_bwd = attn, 2 * attn
+  layer_fwd = 2 * tokens * (frozen + adapters) + attn
+  head = 2 * tokens * d * v
+  fwd = n_layers * layer_fwd + head
+  # Layer 0's q/k/v products need no input gradient (the embedding is frozen): not counted.
+  qkv = ("q_proj", "k_proj", "v_proj")
+  unneeded = sum(2 * tokens * dims[p][0] * (dims[p][1] + (lora_rank if p in lora_targets else 0)) for p in qkv)
+  bwd = (n_layers * (2 * tokens * frozen + 4 * tokens * adapters + 2 * attn) - unneeded
+         + head * (2 if head_weight_grad else 1))
+  ref = n_layers * (2 * tokens * frozen + attn) + head if reference_forward else 0
+  # Full remat recomputes a layer's forward except down_proj's product: the backward pass needs
+  # its input (and the adapter's x A), not its output. Under "dots" every product is saved; under
+  # "dots_no_batch" the attention products (batched einsums) are not.
+  f_in, f_out = dims["down_proj"]
+  last = 2 * tokens * f_in * f_out + (2 * tokens * lora_rank * f_out if "down_proj" in lora_targets else 0)
+  recompute = {"none": 0, "full": n_layers * (layer_fwd - last), "dots": 0, "dots_no_batch": n_layers * attn}[remat]
+  kernel = 0
+  if attention == "splash":
+    # A Pallas call is not a dot: every remat policy recomputes its forward.
+    recompute += {"none": 0, "full": n_layers * (attn_fwd - attn), "dots": n_layers * attn_fwd,
+                  "dots_no_batch": n_layers * (attn_fwd - attn)}[remat]
+    kernel = grad_accum * n_layers * (attn_fwd + attn_bwd + (attn_fwd if reference_forward else 0)
+                                      + (attn_fwd if remat != "none" else 0))
+  model = grad_accum * (fwd + bwd + ref)
+  # What the kernel executes instead of the model's full T x T (forward, backward, DPO reference).
+  swap = grad_accum * n_layers * ((attn_fwd - attn) * (2 if reference_forward else 1) + attn_bwd - 2 * attn)
+  formula = (
+      f"per micro-batch of n = rows x T = {rows} x {length} tokens, per layer (L = {n_layers}): forward "
+      f"2 n P + 2 n P_lora + A, backward 2 n P (input gradients only, frozen weights get none) + 4 n P_lora "
+      f"(input and weight gradients) + 2 A, less layer 0's q/k/v input gradients (nothing upstream needs them; "
+      f"the layer scan computes them anyway); lm_head 2 n D V forward + 2 n D V backward"
+      f"{' + 2 n D V weight gradient' if head_weight_grad else ''}"
+      f"{'; DPO reference forward (adapters off) L (2 n P + A) + 2 n D V' if reference_forward else ''}; "
+      f"times {grad_accum} micro-batches. P = {frozen} frozen projection weights per layer, P_lora = {adapters} "
+      f"adapter weights per layer, A = 4 rows T^2 N H = {attn} attention FLOPs per layer (QK^T and PV over the "
+      f"full T x T), D = {d}, V = {v}. "
+      + ("With attention=dot the causal mask is applied, not skipped: A forward, 2 A backward are computed. "
+         if attention != "splash" else
+         f"With attention=splash the kernel computes only the {splash.causal_blocks(length)[0]} of "
+         f"{splash.causal_blocks(length)[1]} tiles ({splash.block_size(length)} x {splash.block_size(length)}) "
+         f"on or below the diagonal: A_s = {attn_fwd:.6g} forward, 3.5 A_s backward (7 tile products, "
+         f"Q K^T recomputed), so 'executed' counts A_s and 3.5 A_s where 'model' counts A and 2 A; the "
+         f"compiler counts no FLOPs inside a Pallas call, so the kernel's {kernel:.6g} FLOPs of the step "
+         "are added to its count. ")
+      + f"'executed' adds the remat={remat} recomputation of the forward ({recompute} per micro-batch; full: "
+      "all but down_proj's product, whose output the backward does not need). Matmuls only.")
+  return {"model": float(model), "executed": float(model + swap + grad_accum * recompute), "kernel": float(kernel),
+          "formula": formula,
+          "attention_share": float(grad_accum * n_layers * attn * (3 + (1 if reference_forward else 0)) / model)}

@@ -1,0 +1,124 @@
+"""What a stage optimizes: its data, its loss, its eval sums and metrics. One `Objective` per stage kind.
+
+`Nll` is the SFT and language-modelling objective (token-mean negative
+log-likelihood of the target tokens); `dpo.Dpo` the preference one. The
+registry (`objectives.OBJECTIVES`) maps `config.stage` to its objective: the
+training step, eval, AOT and the data preview never branch on the stage name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from anita_jax.data import batching
+from anita_jax.data import encode
+from anita_jax.infer import score
+from anita_jax.model import lora as LA
+from anita_jax.model import losses
+from anita_jax.train import config as C
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What the jitted step needs to know, as static values."""
+
+  stage: str
+  grad_accum: int
+  head_chunk: int = 16  # positions per chunk of the fused head and log-softmax (`losses.head_token_stats`)
+  beta: float = 0.1
+  loss_type: str = "sigmoid"
+  label_smoothing: float = 0.0
+  sft_weight: float = 0.0
+  has_dropout: bool = False
+
+
+def token_stats(model, trainable, frozen, batch, rng, spec: StepSpec, **model_kwargs):
+  """`score.token_stats` of the model on `batch`, the trainable and frozen leaves combined."""
+  head_name = "embed_tokens" if model.config.tie_word_embeddings else "lm_head"
+  rngs = {"dropout": rng} if spec.has_dropout else None
+  return score.token_stats(model, LA.combine(trainable, frozen), batch, head_trainable=head_name in trainable,
+                           chunk=spec.head_chunk, rngs=rngs, **model_kwargs)
+
+
+class Objective:
+  """The interface; see `Nll` and `dpo.Dpo`."""
+
+  rows_per_example = 1  # batch rows one example takes (a DPO pair: chosen and rejected)
+  example_name = "rows"  # what train.batch_size counts, in messages
+
+  def check(self, c: C.StageConfig) -> None:
+    """Raises UserError for options this objective cannot run."""
+
+  def reference_forward(self, c: C.StageConfig) -> bool:
+    """Whether the step also runs the model with the adapters off."""
+    return False
+
+  def encode(self, c: C.StageConfig, rows, tokenizer):
+    """(examples, stats) of loaded rows."""
+    raise NotImplementedError
+
+  def iterator(self, examples, c: C.StageConfig, *, batch_size: int, seed: int, pad_id: int, num_processes: int,
+               process_index: int):
+    raise NotImplementedError
+
+  def step_normalizer(self, batches):
+    """A value the whole optimizer step shares (e.g. its target-token count), or None."""
+    return None
+
+  def loss(self, model, trainable, frozen, batch, rng, spec: StepSpec, normalizer):
+    """(this micro-batch's share of the step's loss, metric sums)."""
+    raise NotImplementedError
+
+  def eval_sums(self, model, spec: StepSpec, params, frozen, batch) -> dict:
+    """Sums over one eval batch, added up over the eval set by the loop."""
+    raise NotImplementedError
+
+  def eval_metrics(self, totals: dict) -> dict:
+    return {"eval_loss": totals["loss_sum"] / max(totals["weight"], 1.0)}
+
+  def extra_inputs(self, c: C.StageConfig) -> dict:
+    """Extra batch leaves beyond the token arrays: {name: (rank without the accumulation axis, dtype)}."""
+    return {}
+
+  def prepare(self, stage, train_iter, workdir: str):
+    """Something `next_batch` needs (e.g. a reference cache), computed once before the loop; or None."""
+    return None
+
+  def next_batch(self, it, prepared) -> dict:
+    return next(it)
+
+
+class Nll(Objective):
+  """SFT (chat rows) and LM (plain text): the token-mean NLL over the optimizer step's target tokens."""
+
+  def __init__(self, text: bool = False):
+    self.text = text  # format "auto" means plain text rows
+
+  def encode(self, c, rows, tokenizer):
+    fmt = "text" if self.text and c.data.format == "auto" else None
+    return encode.encode_dataset(rows, tokenizer, max_length=c.data.max_length, mask=c.data.mask,
+                            truncation=c.data.truncation, fmt=fmt)
+
+  def iterator(self, examples, c, *, batch_size, seed, pad_id, num_processes, process_index):
+    return batching.BatchIterator(examples, batch_size=batch_size, max_length=c.data.max_length, seed=seed,
+                                  packing=c.data.packing, pad_id=pad_id, num_processes=num_processes,
+                                  process_index=process_index)
+
+  def step_normalizer(self, batches):
+    # The whole step's target count: the micro-batch losses then add up to its mean.
+    return jnp.sum(jax.vmap(losses.target_mask)(batches), dtype=jnp.float32)
+
+  def loss(self, model, trainable, frozen, batch, rng, spec, normalizer):
+    logp, _ = token_stats(model, trainable, frozen, batch, rng, spec)
+    sum_nll, count = losses.nll_terms(logp, batch)
+    denominator = jnp.maximum(count, 1.0) if normalizer is None else normalizer
+    loss = sum_nll / denominator
+    return loss, {"loss": loss, "tokens": count}
+
+  def eval_sums(self, model, spec, params, frozen, batch):
+    logp, _ = token_stats(model, params, frozen, batch, None, spec, deterministic=True)
+    sum_nll, count = losses.nll_terms(logp, batch)
+    return {"loss_sum": sum_nll, "weight": count}

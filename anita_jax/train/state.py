@@ -1,0 +1,171 @@
+"""A stage's model, parameters and optimizer state, laid out on the mesh.
+
+`abstract_stage` has shapes and shardings only (enough to compile the step
+ahead of time); `build_stage` streams the frozen base from disk straight into
+its shardings (quantized on the way) and adds fresh adapters and optimizer
+state; `trained_model` restores a checkpoint's adapters beside the frozen base
+and builds no optimizer state (generation, evaluation, export).
+
+The trainable leaves (LoRA A/B by default) and the frozen ones are separate
+trees: gradients and optimizer state exist only for the trainable tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from anita_jax.convert import loading
+from anita_jax.model import lora as LA
+from anita_jax.model import quant as Q
+from anita_jax.model import sharding as S
+from anita_jax.model.llama import Llama
+from anita_jax.train import config as C
+from anita_jax.train.checkpoint import Checkpoints
+from anita_jax.train.objective import StepSpec
+from anita_jax.train.optim import make_optimizer
+from anita_jax.train.step import objective
+
+
+@dataclasses.dataclass
+class Stage:
+  """Everything a stage's loop, eval and export need, built once."""
+
+  config: C.StageConfig
+  model: Llama
+  mesh: jax.sharding.Mesh
+  frozen: dict
+  state: dict  # {"step", "params" (the trainable tree), "opt_state"}; no opt_state in `trained_model`'s
+  state_shardings: dict
+  frozen_shardings: dict
+  tokenizer: object
+  model_config: object
+  spec: LA.LoraSpec
+  step_spec: StepSpec
+  base_path: str
+
+
+def quant_spec(c: C.StageConfig) -> Q.QuantSpec:
+  return Q.QuantSpec(c.quant.type, c.quant.block_size, c.quant.double_quant)
+
+
+def lora_spec(c: C.StageConfig) -> LA.LoraSpec:
+  return LA.make_spec(c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.rslora, c.lora.targets)
+
+
+def make_model(c: C.StageConfig, model_config, spec: LA.LoraSpec) -> Llama:
+  dtype = jnp.dtype(c.model.dtype)
+  return Llama(model_config, dtype=dtype, param_dtype=dtype, scan_layers=c.model.scan_layers,
+               remat_policy=c.model.remat, lora=spec, quant=quant_spec(c), deterministic=c.lora.dropout == 0,
+               attention=c.model.attention)
+
+
+def micro_batch_rows(c: C.StageConfig) -> int:
+  """Rows of one micro-batch: sequences, or chosen + rejected rows of the pairs for dpo."""
+  return c.train.batch_size * objective(c.stage).rows_per_example
+
+
+def _head_chunk(c: C.StageConfig, model_config, mesh) -> int:
+  """Positions per chunk of the fused head: one device's chunk of logits stays under 2^23 elements
+  on CPU (about the last-level cache) and 2^26 on accelerators (large matmuls, 256 MB in fp32)."""
+  local_rows = max(1, micro_batch_rows(c) // (mesh.shape["data"] * mesh.shape["fsdp"]))
+  budget = 2 ** 23 if mesh.devices.flat[0].platform == "cpu" else 2 ** 26
+  chunk = max(1, budget // (local_rows * model_config.vocab_size))
+  return min(1 << (chunk.bit_length() - 1), c.data.max_length)
+
+
+def step_spec(c: C.StageConfig, model_config, mesh) -> StepSpec:
+  objective(c.stage).check(c)
+  return StepSpec(stage=c.stage, grad_accum=c.train.grad_accum, head_chunk=_head_chunk(c, model_config, mesh),
+                  beta=c.dpo.beta, loss_type=c.dpo.loss_type, label_smoothing=c.dpo.label_smoothing,
+                  sft_weight=c.dpo.sft_weight, has_dropout=c.lora.dropout > 0)
+
+
+def abstract_stage(c, model_config, mesh, tokenizer=None, base_path: str = "", *,
+                   with_optimizer: bool = True) -> Stage:
+  """The stage with shapes only: `state` and `frozen` hold ShapeDtypeStructs carrying their shardings.
+
+  Enough to lower and compile the train step for any mesh (ahead-of-time
+  compilation for TPU topologies) without reading a single weight.
+  """
+  c = C.freeze(c)
+  spec = lora_spec(c)
+  for name, (d_in, _) in LA.projection_dims(model_config).items():
+    quant_spec(c).validate(d_in, name)
+  model = make_model(c, model_config, spec)
+  # Shapes only; the attention kind has no parameters, and the kernel would want a mesh in context.
+  boxed = jax.eval_shape(model.clone(attention="dot").init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  shardings = S.shardings_of(boxed, mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
+  trainable, frozen = LA.partition(abstract, LA.trainable_mask(abstract, C.trainable_groups(c)))
+  # Groups other than the adapters (norms, embeddings, lm_head) train in fp32.
+  trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), trainable)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+  state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), "params": trainable}
+  state_shardings = {"step": replicated, "params": param_shardings}
+  if with_optimizer:
+    tx, _ = make_optimizer(c.train, 1)  # the state's layout does not depend on the schedule
+    opt_abstract = jax.eval_shape(tx.init, trainable)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    state["opt_state"] = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                      opt_abstract, opt_shardings)
+    state_shardings["opt_state"] = opt_shardings
+  return Stage(c, model, mesh, frozen, state, state_shardings, jax.tree.map(lambda x: x.sharding, frozen),
+               tokenizer, model_config, spec, step_spec(c, model_config, mesh), base_path)
+
+
+def _load(c: C.StageConfig, base_path: str, mesh, with_optimizer: bool) -> tuple[Stage, dict]:
+  """(abstract stage, the base's trainable non-adapter leaves) with `stage.frozen` loaded from base_path."""
+  model_config = loading.load_config(base_path)
+  tokenizer = loading.load_tokenizer(c.model.tokenizer or base_path)
+  loading.check_tokenizer(tokenizer, model_config, c.model.tokenizer or base_path)
+  mesh = mesh or S.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+  stage = abstract_stage(c, model_config, mesh, tokenizer, base_path, with_optimizer=with_optimizer)
+  flat_sh = {**LA.flatten(stage.frozen_shardings), **LA.flatten(stage.state_shardings["params"])}
+  transform = loading.leaf_transform(quant_spec(c), c.model.dtype,
+                                     place=lambda path, x: jax.tree.map(S.place, x, flat_sh[path]))
+  _, base = loading.load_weights(base_path, scan_layers=c.model.scan_layers, transform=transform)
+  moved, frozen = LA.partition(base, LA.trainable_mask(base, C.trainable_groups(c)))
+  moved = jax.tree.map(lambda x: x.astype(jnp.float32), moved)
+  return dataclasses.replace(stage, frozen=frozen), moved
+
+
+def build_stage(c, base_path: str, mesh=None) -> Stage:
+  """The stage with real arrays: the frozen base streamed from disk into its shardings
+  (quantized on the way), fresh adapters and optimizer state (step 0)."""
+  c = C.freeze(c)
+  stage, moved = _load(c, base_path, mesh, with_optimizer=True)
+  adapter_sh = LA.partition(stage.state_shardings["params"],
+                            LA.trainable_mask(stage.state_shardings["params"], ("lora",)))[0]
+  init_adapters = jax.jit(lambda key: LA.init_adapters(key, stage.model_config, stage.spec, c.model.scan_layers),
+                          out_shardings=adapter_sh)
+  params = LA.combine(init_adapters(jax.random.key(c.train.seed)), moved)
+  tx, _ = make_optimizer(c.train, 1)
+  opt_state = jax.jit(tx.init, out_shardings=stage.state_shardings["opt_state"])(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), stage.state_shardings["step"])
+  return dataclasses.replace(stage, state={"step": step, "params": params, "opt_state": opt_state})
+
+
+def trained_model(c, base_path: str, checkpoints: Checkpoints, mesh=None) -> Stage:
+  """The stage of a checkpoint, for inference: the frozen base and the latest checkpoint's trainable
+  parameters in `state["params"]`; no optimizer state is built or read."""
+  c = C.freeze(c)
+  stage, _ = _load(c, base_path, mesh, with_optimizer=False)
+  step = checkpoints.latest_step()
+  params = checkpoints.restore_params(step, stage.state["params"])
+  return dataclasses.replace(stage, state={"step": step, "params": params})
+
+
+def restore_latest(stage: Stage, checkpoints: Checkpoints) -> tuple[dict, dict | None]:
+  """(state, data state) of the latest checkpoint, or the fresh state and None."""
+  step = checkpoints.latest_step()
+  if step is None:
+    return stage.state, None
+  return checkpoints.restore(step, stage.state)
