@@ -13,11 +13,10 @@ from anita_jax.train.config import stage_config
 
 
 
-# The SFT stage trains on the NF4 base (QLoRA). The later stages start from the previous stage's merged model;
-# re-quantizing that to NF4 rounds away most of a 135M model's small adapter deltas (measured on this data: the
-# DPO model's held-out preference accuracy 0.80 -> 0.40 after NF4 re-quantization of its merged weights), so
-# here they keep the merged base unquantized. configs/anita_8b.py keeps ANITA's NF4 in every stage.
-UNQUANTIZED_AFTER_SFT = "none"
+# QLoRA in every stage, as ANITA: the NF4 base of the first stage stays, and each later stage keeps the earlier
+# adapters frozen beside it (init_as=stacked, the default). Re-quantizing a merged model instead (init_as=merged)
+# rounds away most of a 135M model's small adapter deltas (measured on this data: the DPO model's held-out
+# preference accuracy 0.80 -> 0.40).
 
 
 def _data(name: str) -> str:
@@ -44,7 +43,6 @@ def stage(name: str) -> ml_collections.ConfigDict:
     c.train.lr = 5e-4
     c.train.warmup_steps = 4
   elif name == "dpo":
-    c.quant.type = UNQUANTIZED_AFTER_SFT
     c.data.train, c.data.eval = _data("dpo_train.jsonl"), _data("dpo_eval.jsonl")
     c.data.max_length = 96  # 97% of the pairs fit whole (median 65 tokens)
     c.data.max_prompt_length = 64
@@ -55,7 +53,6 @@ def stage(name: str) -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.0
     c.dpo.beta = 0.1
   elif name == "lm":
-    c.quant.type = UNQUANTIZED_AFTER_SFT
     c.data.train, c.data.eval = _data("it_train.jsonl"), _data("it_eval.jsonl")
     c.data.format = "text"
     c.data.max_length = 256

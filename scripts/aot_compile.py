@@ -41,6 +41,7 @@ def main(argv):
     report["fit_trials"] = trials
   print(json.dumps(report, indent=2, sort_keys=True))
   if _OUTPUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     files.write_json(_OUTPUT.value, report)
 
 

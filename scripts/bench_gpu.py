@@ -42,6 +42,7 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps, after one warm-up step."
 _PEAK_SIZE = flags.DEFINE_integer("peak_size", 8192, "Side of the bf16 matmul that measures the peak FLOP/s.")
 _FIT = flags.DEFINE_bool("fit", True, "Halve the micro-batch until the step fits in device memory.")
 _OUTPUT = flags.DEFINE_string("output", None, "Append the JSON lines to this file.")
+_OOM = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory")
 
 
 def peak_flops(n: int) -> float:
@@ -96,12 +97,14 @@ def _random_frozen(stage, quant):
     nodes = jax.lax.map(lambda k: nn.meta.unbox(init(k, like.shape)), jax.random.split(key, math.prod(lead)))
     return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), nodes)
 
-  flat, shardings = LA.flatten(stage.frozen), LA.flatten(stage.frozen_shardings)
-  out = {}
-  for i, (path, like) in enumerate(sorted(flat.items())):
-    out[path] = jax.jit(lambda key, like=like: leaf(key, like), out_shardings=shardings[path])(jax.random.key(i))
-    assert jax.tree.map(lambda x: (x.shape, x.dtype), out[path]) == jax.tree.map(lambda x: (x.shape, x.dtype), like)
-  return LA.unflatten(out)
+  def tree(key):
+    flat = sorted(LA.flatten(stage.frozen).items())
+    return LA.unflatten({path: leaf(k, like) for k, (path, like) in zip(jax.random.split(key, len(flat)), flat)})
+
+  frozen = jax.jit(tree, out_shardings=stage.frozen_shardings)(jax.random.key(0))
+  same = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)
+  assert same(frozen) == same(stage.frozen), "the random frozen tree differs from the stage's"
+  return frozen
 
 
 def _fresh_state(stage, tx):
@@ -192,21 +195,22 @@ def run_stage(c, peak: float) -> dict:
   c.model.attention, c.train.grad_accum = _ATTENTION.value, _GRAD_ACCUM.value
   frozen, trials = None, []
   while True:
-    frozen, state, step, batch, compile_s = prepare(c, model_config, frozen)
-    need, free = step_memory(step)
-    trials.append({"micro_batch": c.train.batch_size, "step_bytes": need, "free_bytes": free})
+    trials.append({"micro_batch": c.train.batch_size})
     try:
+      frozen, state, step, batch, compile_s = prepare(c, model_config, frozen)
+      need, free = step_memory(step)
+      trials[-1].update(step_bytes=need, free_bytes=free)
       if free is not None and need > free:
         raise MemoryError(f"RESOURCE_EXHAUSTED: the step needs {need} bytes, {free} are free")
       seconds = time_steps(step, state, frozen, batch, _STEPS.value)
       break
     except (MemoryError, jax.errors.JaxRuntimeError) as e:
-      if not _FIT.value or c.train.batch_size == 1 or "RESOURCE_EXHAUSTED" not in str(e):
+      if not _FIT.value or c.train.batch_size == 1 or not any(s in str(e) for s in _OOM):
         raise
-      print(f"{c.stage}: micro-batch {c.train.batch_size} does not fit ({str(e)[:200]}); halving", file=sys.stderr,
-            flush=True)
+      print(f"{c.stage}: micro-batch {c.train.batch_size} does not fit ({str(e)[:300]}); halving it",
+            file=sys.stderr, flush=True)
       trials[-1]["fits"] = False
-      del state, step, batch
+      state = step = batch = None
       c.train.batch_size //= 2
   rows = c.train.batch_size * (2 if c.stage == "dpo" else 1)
   flops = model_flops(model_config, c, rows)
@@ -219,7 +223,7 @@ def run_stage(c, peak: float) -> dict:
           "attention": c.model.attention, "remat": c.model.remat, "quant": c.quant.type,
           "double_quant": c.quant.double_quant, "dtype": c.model.dtype, "compile_s": round(compile_s, 1),
           "step_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
-          "model_tflops_per_step": round(flops / 1e12, 2), "peak_tflops": round(peak / 1e12, 1),
+          "model_tflops_per_step": float(f"{flops / 1e12:.4g}"), "peak_tflops": float(f"{peak / 1e12:.4g}"),
           "mfu": round(flops / seconds / peak, 4), "peak_bytes": stats.get("peak_bytes_in_use"),
           "bytes_limit": stats.get("bytes_limit"), "fit_trials": trials, "steps": _STEPS.value}
 

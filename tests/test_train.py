@@ -11,6 +11,7 @@ from anita_jax.train import config as C
 from anita_jax.train import loop as T
 from anita_jax.train import state as ST
 from anita_jax.train import workdir as W
+from anita_jax.train.checkpoint import Checkpoints
 from anita_jax.errors import UserError
 
 
@@ -90,7 +91,8 @@ def test_gradient_accumulation_equals_one_big_batch(demo_config, tiny_hf_dir, tm
   assert rel(losses_of(str(tmp_path / "small")), losses_of(str(tmp_path / "big"))) <= 1e-5
 
 
-def test_optimizer_state_only_for_trainable_leaves_and_frozen_untouched(demo_config, tiny_hf_dir, tmp_path):
+def test_optimizer_state_only_for_trainable_leaves_and_frozen_untouched(demo_config, tiny_hf_dir, tmp_path,
+                                                                        monkeypatch):
   c = sft_config(demo_config, tiny_hf_dir, **{"train.steps": 10})
   stage = ST.build_stage(c, W.base_model_path(C.freeze(c)))
   frozen_before = jax.tree.map(np.asarray, stage.frozen)
@@ -100,10 +102,23 @@ def test_optimizer_state_only_for_trainable_leaves_and_frozen_untouched(demo_con
   leaves = [str(p[-1].key) for p, _ in jax.tree_util.tree_flatten_with_path(stage.state["params"])[0]]
   assert set(leaves) == {"lora_a", "lora_b"}
   T.train_and_evaluate(c, str(tmp_path / "w"))
+
+  # Loading the workdir as a model (generation, evaluation, export) builds and reads no optimizer state.
+  def no_optimizer(*args, **kwargs):
+    raise AssertionError("an optimizer was built to load a model")
+
+  def no_full_restore(*args, **kwargs):
+    raise AssertionError("the optimizer state was read from the checkpoint")
+
+  monkeypatch.setattr(ST, "make_optimizer", no_optimizer)
+  monkeypatch.setattr(Checkpoints, "restore", no_full_restore)
   stage2 = W.load_trained(str(tmp_path / "w"))
-  state = stage2.state
+  assert set(stage2.state) == {"step", "params"} and stage2.state["step"] == 10
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, stage2.frozen), frozen_before)
-  assert not np.array_equal(np.asarray(state["params"]["layers"]["mlp"]["up_proj"]["lora_b"]), 0)
+  assert not np.array_equal(np.asarray(stage2.state["params"]["layers"]["mlp"]["up_proj"]["lora_b"]), 0)
+  model, params, _, _ = W.load_model(str(tmp_path / "w"), scan_layers=False)
+  np.testing.assert_array_equal(np.asarray(params["layers_1"]["mlp"]["up_proj"]["lora_b"]),
+                                np.asarray(stage2.state["params"]["layers"]["mlp"]["up_proj"]["lora_b"][1]))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -120,7 +135,6 @@ def test_bad_settings_fail_before_any_checkpoint(demo_config, tiny_hf_dir, tmp_p
 
 
 def test_exporting_a_workdir_without_checkpoint_is_an_error(demo_config, tiny_hf_dir, tmp_path):
-  from anita_jax.train import workdir as W
   empty = tmp_path / "w"
   (empty / "checkpoints").mkdir(parents=True)
   (empty / "config.json").write_text(json.dumps(sft_config(demo_config, tiny_hf_dir).to_dict()))

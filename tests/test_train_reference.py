@@ -17,11 +17,16 @@ PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
-def exported_adapter(workdir, out):
-  """The trained adapter as the PEFT files `scripts/export_hf.py --merged=false` writes: {name: array}."""
-  from safetensors.numpy import load_file
+def export_adapter(workdir, out):
+  """OUT/adapter: the trained adapter as `scripts/export_hf.py --merged=false` writes it (PEFT files)."""
   W.export_workdir(workdir, out, merged=False, adapter=True)
-  return load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+  return os.path.join(out, "adapter")
+
+
+def exported_adapter(workdir, out):
+  """The tensors of `export_adapter`: {PEFT name: array}."""
+  from safetensors.numpy import load_file
+  return load_file(os.path.join(export_adapter(workdir, out), "adapter_model.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,6 +79,8 @@ def test_dpo_with_sft_term_matches_trl(demo_config, tiny_hf_dir, pairs_file, tmp
                            processing_class=tokenizer)
   trainer.train()
   theirs = [h for h in trainer.state.log_history if "rewards/chosen" in h]
+  for k in ("loss", "grad_norm", "rewards/chosen", "rewards/margins", "logps/chosen", "logits/chosen", "learning_rate"):
+    print("DBG", k, [(o.get(k), t.get(k), rel(o[k], t[k])) for o, t in zip(ours, theirs)])
   assert [m["step"] for m in ours] == [h["step"] for h in theirs] == [1, 2]
   # Step 1: the loss (DPO log 2 plus the weighted chosen NLL) and the gradient it gives the adapters.
   assert rel(ours[0]["loss"], theirs[0]["loss"]) <= 1e-5, (ours[0]["loss"], theirs[0]["loss"])
@@ -134,7 +141,7 @@ def float64_eval_loss(model_dir, chats, adapter_dir=None):
 @pytest.mark.parametrize("num_eval", [
     8,
     # 10 rows in eval batches of 4: the last two rows are a partial batch.
-    pytest.param(10, marks=pytest.mark.xfail(strict=True, reason=(
+    pytest.param(10, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
         "evaluate() runs eval_iter.steps_in_epoch(0) full batches: BatchIterator drops the last partial "
         "batch, so eval rows beyond a multiple of the eval batch size are never scored"))),
 ])
@@ -155,7 +162,7 @@ def test_sft_eval_loss_equals_float64_reference(demo_config, tiny_hf_dir, tmp_pa
 
   before = float64_eval_loss(tiny_hf_dir, CHATS[:num_eval])
   assert rel(logged[0]["eval_loss"], before) <= 1e-5, (logged[0]["eval_loss"], before)
-  after = float64_eval_loss(tiny_hf_dir, CHATS[:num_eval], exported_adapter(workdir, str(tmp_path / "export")))
+  after = float64_eval_loss(tiny_hf_dir, CHATS[:num_eval], export_adapter(workdir, str(tmp_path / "export")))
   assert after < before - 0.1  # the adapters moved: the final eval is not the untrained one
   assert rel(logged[3]["eval_loss"], after) <= 1e-5, (logged[3]["eval_loss"], after)
   # The logged learning rate of each step is the one its update applied: transformers' linear schedule

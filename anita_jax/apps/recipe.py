@@ -68,6 +68,18 @@ def run_recipe(recipe: ml_collections.ConfigDict, workdir: str) -> None:
   write_recipe_report(recipe, workdir)
 
 
+def _chain(c: ml_collections.ConfigDict, earlier: tuple[str, ...]) -> str:
+  """How a stage's frozen weights came about (init_as), for the report."""
+  quant = "unquantized" if c.quant.type == "none" else c.quant.type.upper()
+  if not earlier:
+    return f"the base model ({quant}) + a new LoRA adapter"
+  if c.init_as == "stacked":
+    return (f"the first stage's base ({quant}), the adapters of {', '.join(earlier)} kept frozen "
+            "(init_as=stacked) + a new LoRA adapter")
+  return (f"the merged model of {earlier[-1]} (merge_into={c.merge_into}), re-quantized ({quant}; "
+          "init_as=merged) + a new LoRA adapter")
+
+
 def write_recipe_report(recipe: ml_collections.ConfigDict, workdir: str) -> None:
   """Evaluates the original base and every stage on the held-out data; writes the report files."""
   data_dir = DEMO_DATA  # the project's held-out Italian text, preference pairs and prompts
@@ -76,9 +88,11 @@ def write_recipe_report(recipe: ml_collections.ConfigDict, workdir: str) -> None
   kwargs = dict(max_length=dpo.data.max_length, max_prompt_length=dpo.data.max_prompt_length)
   base = report.evaluate_model(W.model_path(first.model.path), data_dir, dtype="float32", quant="none", **kwargs)
   rows = [report.report_row("base", base, base, beta=dpo.dpo.beta)]
-  for name in STAGES:
+  for i, name in enumerate(STAGES):
     result = report.evaluate_model(os.path.join(workdir, name), data_dir, **kwargs)
-    rows.append(report.report_row(name, result, base, beta=dpo.dpo.beta))
+    row = report.report_row(name, result, base, beta=dpo.dpo.beta)
+    row["chain"] = _chain(recipe[name], STAGES[:i])
+    rows.append(row)
   curves = {name: report.read_metrics(os.path.join(workdir, name)) for name in STAGES}
   if jax.process_index() == 0:
     report.write_report(workdir, rows, curves, beta=dpo.dpo.beta)

@@ -377,6 +377,9 @@ def render_markdown(rows: Sequence[dict], summaries: dict[str, dict], beta: floa
       lines.append(f"| {_cell(stage)} | {steps} | {_fmt(s.get('first_loss'), '.4f')} -> "
                    f"{_fmt(s.get('last_loss'), '.4f')} | {_fmt(s.get('first_eval_loss'), '.4f')} -> "
                    f"{_fmt(s.get('last_eval_loss'), '.4f')} | {acc or 'n/a'} |")
+  chains = [(r["model"], r["chain"]) for r in rows if r.get("chain")]
+  if chains:
+    lines += ["", "## How each stage started", ""] + [f"- **{_cell(name)}**: {text}" for name, text in chains]
   d = definitions(beta)
   lines += ["", "## How the numbers are defined", "",
             f"- **held-out Italian perplexity**: {d['perplexity']}",

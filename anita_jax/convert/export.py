@@ -7,7 +7,10 @@ killed process may hold some files, but `write_hf_model` writes `config.json`
 last, so transformers refuses an unfinished one rather than loading part of a model.
 
 Weights stream from `convert.hf.to_hf_tensors` into safetensors one shard at a
-time: host memory beyond the parameters themselves stays under one shard.
+time: host memory beyond the parameters themselves stays under one shard (plus
+one tensor larger than a shard, which gets a shard of its own). The shard plan
+and the model card's front matter come from `huggingface_hub`, as transformers
+makes them.
 """
 
 from __future__ import annotations

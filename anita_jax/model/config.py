@@ -178,13 +178,20 @@ ATTENTION_KINDS = ("dot", "splash")  # training/eval attention: plain [T, S] sco
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-  """A LoRA adapter on the projections named in `targets` (PEFT's semantics)."""
+  """A LoRA adapter on the projections named in `targets` (PEFT's semantics).
+
+  frozen_rank > 0: each projection also carries earlier stages' adapters, frozen, as one low-rank
+  term `frozen_a` [in, frozen_rank] @ `frozen_b` [frozen_rank, out] with their scales folded into
+  `frozen_b` (stacked stages, `init_as=stacked`). It stays on when the trainable adapter is switched
+  off, so the DPO reference is the previous stage's model.
+  """
 
   rank: int
   alpha: float
   dropout: float = 0.0
   rslora: bool = False
   targets: tuple[str, ...] = PROJECTIONS
+  frozen_rank: int = 0
 
   @property
   def scale(self) -> float:

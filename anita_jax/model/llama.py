@@ -139,6 +139,12 @@ class Linear(nn.Module):
     y = jnp.dot(x.astype(self.dtype), w)
     if self.lora is None:
       return y
+    if self.lora.frozen_rank:  # earlier stages' adapters, frozen, scales folded into frozen_b
+      fa = self.param("frozen_a", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[0], None)),
+                      (d_in, self.lora.frozen_rank), jnp.float32)
+      fb = self.param("frozen_b", nn.with_logical_partitioning(nn.initializers.zeros, (None, self.axes[1])),
+                      (self.lora.frozen_rank, self.features), jnp.float32)
+      y = y + lora_delta(x.astype(self.dtype), fa.astype(self.dtype), fb.astype(self.dtype), 1.0).astype(y.dtype)
     # PEFT's init: A Kaiming-uniform (a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
     a = self.param("lora_a", nn.with_logical_partitioning(
         nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=0, out_axis=1),

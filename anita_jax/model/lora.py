@@ -24,6 +24,7 @@ from anita_jax.model.config import PROJECTIONS, LoraSpec
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 LORA_LEAVES = ("lora_a", "lora_b")
+FROZEN_LEAVES = ("frozen_a", "frozen_b")  # earlier stages' adapters in a stacked stage (see LoraSpec)
 # What `train.trainable` may name besides the adapters.
 TRAINABLE_GROUPS = {
     "lora": lambda path: path[-1] in LORA_LEAVES,
@@ -132,13 +133,9 @@ def combine(*trees: dict) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
-def strip_adapters(params: dict) -> dict:
-  flat = traverse_util.flatten_dict(params, is_leaf=_is_weight)
-  return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] not in LORA_LEAVES})
-
-
 def merge(params: dict, spec: LoraSpec, dtype=jnp.float32) -> dict:
-  """W' = W + scale * (A @ B) for every adapted kernel, in fp32, cast to `dtype`; adapters removed.
+  """W' = W + frozen_a @ frozen_b + scale * (A @ B) for every adapted kernel, in fp32, cast to `dtype`;
+  adapters removed.
 
   Quantized kernels are dequantized first (the function that was trained); the
   result holds plain arrays, ready to be re-quantized for a following stage.
@@ -146,16 +143,41 @@ def merge(params: dict, spec: LoraSpec, dtype=jnp.float32) -> dict:
   flat = traverse_util.flatten_dict(params, is_leaf=_is_weight)
   out = {}
   for path, value in flat.items():
-    if path[-1] in LORA_LEAVES:
+    if path[-1] in LORA_LEAVES + FROZEN_LEAVES:
       continue
-    if path[-1] == "kernel" and path[:-1] + ("lora_a",) in flat:
-      a, b = flat[path[:-1] + ("lora_a",)], flat[path[:-1] + ("lora_b",)]
-      delta = jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
-                         precision=jax.lax.Precision.HIGHEST)
-      value = (Q.dequantize(value) + spec.scale * delta).astype(dtype)
-    elif path[-1] == "kernel":
-      value = Q.dequantize(value).astype(dtype)
-    else:
-      value = jnp.asarray(value).astype(dtype)
-    out[path] = value
+    if path[-1] == "kernel":
+      value = Q.dequantize(value)
+      for (a_name, b_name), scale in ((FROZEN_LEAVES, 1.0), (LORA_LEAVES, spec.scale)):
+        if path[:-1] + (a_name,) in flat:
+          a, b = flat[path[:-1] + (a_name,)], flat[path[:-1] + (b_name,)]
+          value = value + scale * jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
+                                             precision=jax.lax.Precision.HIGHEST)
+    out[path] = jnp.asarray(value).astype(dtype)
   return traverse_util.unflatten_dict(out)
+
+
+def fold(params: dict, spec: LoraSpec) -> tuple[dict, LoraSpec]:
+  """(adapters, spec) of one plain LoRA adapter of rank frozen_rank + rank equal to the frozen and the
+  trainable adapters together: A = [frozen_a, lora_a] stacked along the rank, B = [frozen_b; scale * lora_b],
+  scale 1 (alpha = rank, no rsLoRA). For PEFT export, and as the next stacked stage's frozen adapter."""
+  flat = traverse_util.flatten_dict(params, is_leaf=_is_weight)
+  out = {}
+  for path, a in flat.items():
+    if path[-1] != "lora_a":
+      continue
+    parent = path[:-1]
+    a, b = jnp.asarray(a, jnp.float32), spec.scale * jnp.asarray(flat[parent + ("lora_b",)], jnp.float32)
+    if parent + ("frozen_a",) in flat:
+      a = jnp.concatenate([jnp.asarray(flat[parent + ("frozen_a",)], jnp.float32), a], axis=-1)
+      b = jnp.concatenate([jnp.asarray(flat[parent + ("frozen_b",)], jnp.float32), b], axis=-2)
+    out[parent + ("lora_a",)], out[parent + ("lora_b",)] = a, b
+  rank = spec.frozen_rank + spec.rank
+  return traverse_util.unflatten_dict(out), LoraSpec(rank=rank, alpha=float(rank), dropout=spec.dropout,
+                                                     rslora=False, targets=spec.targets)
+
+
+def as_frozen(adapters: dict) -> dict:
+  """A folded adapter (`fold`) renamed to the frozen leaves of a stacked stage."""
+  names = dict(zip(LORA_LEAVES, FROZEN_LEAVES))
+  flat = traverse_util.flatten_dict(adapters, is_leaf=_is_weight)
+  return traverse_util.unflatten_dict({p[:-1] + (names[p[-1]],): v for p, v in flat.items()})

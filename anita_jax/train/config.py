@@ -128,6 +128,10 @@ class MeshFields:
 class StageConfig:
   stage: str = "sft"
   init_from: str | None = None  # a previous stage's workdir
+  # How a stage with init_from starts. stacked: the first stage's quantized base plus every earlier stage's
+  # adapter, kept frozen (exactly the previous stage's function; DPO's reference). merged: the previous
+  # stage's merged model (merge_into: its dequantized or original base), re-quantized per this stage's quant.
+  init_as: str = "stacked"
   merge_into: str = "dequantized"  # | "original"
   model: ModelFields = ModelFields()
   generation: GenerationFields = GenerationFields()
@@ -239,6 +243,7 @@ def _choice(value, field: str, choices) -> None:
 def validate(c: StageConfig) -> None:
   """Raises UserError naming the first field whose value cannot work."""
   _choice(c.stage, "stage", STAGES)
+  _choice(c.init_as, "init_as", ("stacked", "merged"))
   _choice(c.merge_into, "merge_into", ("dequantized", "original"))
   _choice(c.model.dtype, "model.dtype", ("float32", "bfloat16"))
   _choice(c.model.remat, "model.remat", REMAT_POLICIES)

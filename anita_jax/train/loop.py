@@ -56,7 +56,7 @@ def _check_resume(c, workdir: str) -> None:
     return
   with open(path, encoding="utf-8") as f:
     old = json.load(f)
-  for field in ("stage", "init_from", "merge_into", "model.path", "lora.rank", "lora.targets", "lora.rslora",
+  for field in ("stage", "init_from", "init_as", "merge_into", "model.path", "lora.rank", "lora.targets", "lora.rslora",
                 "lora.alpha", "quant.type", "quant.block_size", "quant.double_quant", "model.scan_layers",
                 "train.trainable"):
     a, b = old, C.to_dict(c)
@@ -122,7 +122,7 @@ def train_and_evaluate(c, workdir: str, stop_after: int | None = None) -> dict:
   C.validate(c)
   _check_resume(c, workdir)
   processes, index = jax.process_count(), jax.process_index()
-  stage = ST.build_stage(c, W.base_model_path(c))
+  stage = ST.build_stage(c, W.base_model_path(c), frozen_adapters=W.frozen_adapters(c))
   obj = STEP.objective(c.stage)
   shards = stage.mesh.shape["data"] * stage.mesh.shape["fsdp"]
   if c.train.batch_size % shards:

@@ -17,6 +17,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from anita_jax.convert import loading
@@ -53,8 +54,9 @@ def quant_spec(c: C.StageConfig) -> Q.QuantSpec:
   return Q.QuantSpec(c.quant.type, c.quant.block_size, c.quant.double_quant)
 
 
-def lora_spec(c: C.StageConfig) -> LA.LoraSpec:
-  return LA.make_spec(c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.rslora, c.lora.targets)
+def lora_spec(c: C.StageConfig, frozen_rank: int = 0) -> LA.LoraSpec:
+  spec = LA.make_spec(c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.rslora, c.lora.targets)
+  return dataclasses.replace(spec, frozen_rank=frozen_rank)
 
 
 def make_model(c: C.StageConfig, model_config, spec: LA.LoraSpec) -> Llama:
@@ -86,14 +88,15 @@ def step_spec(c: C.StageConfig, model_config, mesh) -> StepSpec:
 
 
 def abstract_stage(c, model_config, mesh, tokenizer=None, base_path: str = "", *,
-                   with_optimizer: bool = True) -> Stage:
+                   with_optimizer: bool = True, frozen_rank: int = 0) -> Stage:
   """The stage with shapes only: `state` and `frozen` hold ShapeDtypeStructs carrying their shardings.
 
   Enough to lower and compile the train step for any mesh (ahead-of-time
   compilation for TPU topologies) without reading a single weight.
+  frozen_rank: of the earlier stages' frozen adapters in a stacked stage (`LoraSpec.frozen_rank`).
   """
   c = C.freeze(c)
-  spec = lora_spec(c)
+  spec = lora_spec(c, frozen_rank)
   for name, (d_in, _) in LA.projection_dims(model_config).items():
     quant_spec(c).validate(d_in, name)
   model = make_model(c, model_config, spec)
@@ -121,27 +124,31 @@ def abstract_stage(c, model_config, mesh, tokenizer=None, base_path: str = "", *
                tokenizer, model_config, spec, step_spec(c, model_config, mesh), base_path)
 
 
-def _load(c: C.StageConfig, base_path: str, mesh, with_optimizer: bool) -> tuple[Stage, dict]:
-  """(abstract stage, the base's trainable non-adapter leaves) with `stage.frozen` loaded from base_path."""
+def _load(c: C.StageConfig, base_path: str, mesh, with_optimizer: bool, frozen_adapters) -> tuple[Stage, dict]:
+  """(abstract stage, the base's trainable non-adapter leaves) with `stage.frozen` loaded from base_path
+  (and the earlier stages' adapters `frozen_adapters`, (rank, tree of host arrays), for a stacked stage)."""
   model_config = loading.load_config(base_path)
   tokenizer = loading.load_tokenizer(c.model.tokenizer or base_path)
   loading.check_tokenizer(tokenizer, model_config, c.model.tokenizer or base_path)
   mesh = mesh or S.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-  stage = abstract_stage(c, model_config, mesh, tokenizer, base_path, with_optimizer=with_optimizer)
+  frozen_rank, stacked = frozen_adapters or (0, {})
+  stage = abstract_stage(c, model_config, mesh, tokenizer, base_path, with_optimizer=with_optimizer,
+                         frozen_rank=frozen_rank)
   flat_sh = {**LA.flatten(stage.frozen_shardings), **LA.flatten(stage.state_shardings["params"])}
   transform = loading.leaf_transform(quant_spec(c), c.model.dtype,
                                      place=lambda path, x: jax.tree.map(S.place, x, flat_sh[path]))
   _, base = loading.load_weights(base_path, scan_layers=c.model.scan_layers, transform=transform)
+  base = LA.combine(base, {p: S.place(np.asarray(v, np.float32), flat_sh[p]) for p, v in LA.flatten(stacked).items()})
   moved, frozen = LA.partition(base, LA.trainable_mask(base, C.trainable_groups(c)))
   moved = jax.tree.map(lambda x: x.astype(jnp.float32), moved)
   return dataclasses.replace(stage, frozen=frozen), moved
 
 
-def build_stage(c, base_path: str, mesh=None) -> Stage:
+def build_stage(c, base_path: str, mesh=None, frozen_adapters=None) -> Stage:
   """The stage with real arrays: the frozen base streamed from disk into its shardings
   (quantized on the way), fresh adapters and optimizer state (step 0)."""
   c = C.freeze(c)
-  stage, moved = _load(c, base_path, mesh, with_optimizer=True)
+  stage, moved = _load(c, base_path, mesh, True, frozen_adapters)
   adapter_sh = LA.partition(stage.state_shardings["params"],
                             LA.trainable_mask(stage.state_shardings["params"], ("lora",)))[0]
   init_adapters = jax.jit(lambda key: LA.init_adapters(key, stage.model_config, stage.spec, c.model.scan_layers),
@@ -153,11 +160,11 @@ def build_stage(c, base_path: str, mesh=None) -> Stage:
   return dataclasses.replace(stage, state={"step": step, "params": params, "opt_state": opt_state})
 
 
-def trained_model(c, base_path: str, checkpoints: Checkpoints, mesh=None) -> Stage:
+def trained_model(c, base_path: str, checkpoints: Checkpoints, mesh=None, frozen_adapters=None) -> Stage:
   """The stage of a checkpoint, for inference: the frozen base and the latest checkpoint's trainable
   parameters in `state["params"]`; no optimizer state is built or read."""
   c = C.freeze(c)
-  stage, _ = _load(c, base_path, mesh, with_optimizer=False)
+  stage, _ = _load(c, base_path, mesh, False, frozen_adapters)
   step = checkpoints.latest_step()
   params = checkpoints.restore_params(step, stage.state["params"])
   return dataclasses.replace(stage, state={"step": step, "params": params})

@@ -36,10 +36,49 @@ def is_workdir(path: str) -> bool:
 
 
 def base_model_path(c: C.StageConfig) -> str:
-  """The model PATH a stage trains on (see the module doc)."""
-  if c.init_from:
+  """The model PATH whose weights are a stage's frozen base (see the module doc)."""
+  if not c.init_from:
+    return model_path(c.model.path)
+  if c.init_as == "merged":
     return merged_model(c.init_from, c.merge_into)
-  return model_path(c.model.path)
+  return base_model_path(C.read_config(c.init_from))
+
+
+def _check_stackable(c: C.StageConfig, prev: C.StageConfig) -> None:
+  """A stacked stage computes exactly the previous stage's function at step 0 only over the same base."""
+  where = f"init_from={c.init_from}"
+  for field in ("quant.type", "quant.block_size", "quant.double_quant", "lora.targets", "model.scan_layers"):
+    group, name = field.split(".")
+    mine, theirs = getattr(getattr(c, group), name), getattr(getattr(prev, group), name)
+    if mine != theirs:
+      raise UserError(f"config field '{field}'={mine!r}: init_as=stacked keeps the earlier stages' base and "
+                      f"adapters, and {where} was trained with {theirs!r}; use the same value or init_as=merged")
+  if C.trainable_groups(prev) != ("lora",):
+    raise UserError(f"{where}: that stage trained {prev.train.trainable!r}, not only its adapters; a stacked "
+                    "stage keeps adapters only: use init_as=merged")
+
+
+def frozen_adapters(c: C.StageConfig) -> tuple[int, dict] | None:
+  """For a stacked stage: (rank, tree on the host) of every earlier stage's adapter folded into one
+  (`lora.fold`, as `frozen_a`/`frozen_b` leaves); None otherwise."""
+  if not c.init_from or c.init_as != "stacked":
+    return None
+  prev = C.read_config(c.init_from)
+  _check_stackable(c, prev)
+  earlier = frozen_adapters(prev)
+  mesh = S.make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
+  abstract = ST.abstract_stage(prev, loading.load_config(base_model_path(prev)), mesh, with_optimizer=False,
+                               frozen_rank=earlier[0] if earlier else 0)
+  checkpoints = Checkpoints(c.init_from, prev.checkpoint.keep)
+  try:
+    step = checkpoints.latest_step()
+    if step is None:
+      raise UserError(f"{c.init_from}: no checkpoint to start from (that stage has not finished a step)")
+    adapters = jax.device_get(checkpoints.restore_params(step, abstract.state["params"]))
+  finally:
+    checkpoints.close()
+  folded, spec = lora.fold(lora.combine(adapters, earlier[1] if earlier else {}), abstract.spec)
+  return spec.rank, lora.as_frozen(jax.device_get(folded))
 
 
 def load_trained(workdir: str, mesh=None, config: C.StageConfig | None = None) -> ST.Stage:
@@ -52,7 +91,7 @@ def load_trained(workdir: str, mesh=None, config: C.StageConfig | None = None) -
   try:
     if checkpoints.latest_step() is None:
       raise UserError(f"{workdir}: no checkpoint to load (the stage has not finished a step)")
-    return ST.trained_model(c, base_model_path(c), checkpoints, mesh)
+    return ST.trained_model(c, base_model_path(c), checkpoints, mesh, frozen_adapters(c))
   finally:
     checkpoints.close()
 
@@ -64,7 +103,7 @@ def merged_params(stage: ST.Stage, merge_into: str = "dequantized", dtype: str =
     # The previous base in full precision plus this stage's delta, as the ANITA scripts merged.
     _, original = loading.load_weights(stage.base_path, scan_layers=stage.config.model.scan_layers,
                                        transform=loading.leaf_transform(None, "float32"))
-    adapters = {p: v for p, v in lora.flatten(params).items() if p[-1] in lora.LORA_LEAVES}
+    adapters = {p: v for p, v in lora.flatten(params).items() if p[-1] in lora.LORA_LEAVES + lora.FROZEN_LEAVES}
     params = lora.combine(original, lora.unflatten(adapters))
   return jax.device_get(lora.merge(params, stage.spec, jnp.dtype(dtype)))
 
@@ -109,6 +148,11 @@ def export_workdir(workdir: str, out: str, *, merged: bool = True, adapter: bool
   original = model_path(chain[0].model.path)
   card = export.model_card(original, stages, c.model.license)
   params = merged_params(stage, merge_into, "float32") if merged else None
+  # One PEFT adapter over the stage's base: a stacked stage's earlier adapters and its own, folded.
+  adapters, spec = stage.state["params"], stage.spec
+  if spec.frozen_rank:
+    adapters, spec = lora.fold(lora.combine(adapters, stage.frozen), spec)
+  adapters = jax.device_get(adapters)
   if jax.process_index() == 0:
     with export.atomic_dir(out) as tmp:
       if merged:
@@ -116,8 +160,7 @@ def export_workdir(workdir: str, out: str, *, merged: bool = True, adapter: bool
                               scan_layers=c.model.scan_layers, generation_config=generation_defaults(c),
                               model_card=card, atomic=False)
       if adapter:
-        adapters = jax.device_get(stage.state["params"])
-        export.write_adapter(os.path.join(tmp, "adapter"), adapters, stage.model_config, stage.spec,
+        export.write_adapter(os.path.join(tmp, "adapter"), adapters, stage.model_config, spec,
                              base_model=stage.base_path, scan_layers=c.model.scan_layers, atomic=False)
   _barrier(f"export {out}")
 

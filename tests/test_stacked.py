@@ -1,0 +1,125 @@
+"""Stacked stages (init_as=stacked): earlier adapters kept frozen on the first stage's quantized base.
+
+Against transformers and PEFT: a stacked DPO stage starts exactly at the SFT model (its merged export in
+transformers), and a three-stage workdir's folded PEFT adapter and merged export reproduce its logits.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from anita_jax.data import preference
+from anita_jax.data import rows as D
+from anita_jax.train import loop as T
+from anita_jax.train import workdir as W
+
+PAIRS = [
+    ("Qual è la capitale della Francia?", "La capitale della Francia è Parigi.", "La capitale della Francia è Lione."),
+    ("Come si dice 'cat' in italiano?", "Si dice 'gatto'.", "It is 'cat'."),
+    ("Quanto fa 7 per 8?", "7 per 8 fa 56.", "7 per 8 fa 54, credo."),
+    ("Dove si trova il Colosseo?", "Il Colosseo si trova a Roma, nel centro storico.", "Non lo so."),
+]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("stacked") / "pairs.jsonl"
+  with open(path, "w", encoding="utf-8") as f:
+    for prompt, chosen, rejected in PAIRS:
+      f.write(json.dumps({"prompt": [{"role": "user", "content": prompt}],
+                          "chosen": [{"role": "assistant", "content": chosen}],
+                          "rejected": [{"role": "assistant", "content": rejected}]}, ensure_ascii=False) + "\n")
+  return str(path)
+
+
+def stage(demo_config, name, model_dir, quant, **overrides):
+  c = demo_config(name)
+  c.model.path, c.quant.type = model_dir, quant
+  c.data.eval, c.data.max_rows, c.data.max_length = "", 8, 128
+  c.train.batch_size, c.train.steps, c.train.log_every, c.train.lr = 4, 2, 1, 2e-2
+  c.train.warmup_steps, c.train.warmup_ratio, c.train.eval_on_start = 0, 0.0, False
+  c.lora.rank, c.lora.alpha, c.lora.rslora = 4, 8.0, False
+  c.checkpoint.every, c.mesh.data = 1000, 1
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def metrics_of(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def transformers_pair_logps(model_dir, pairs_file):
+  """Mean summed completion log-probs (chosen, rejected) of the pairs under transformers (fp32)."""
+  import torch
+  import transformers
+  model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+  examples, _ = preference.encode_preferences(D.load_rows([pairs_file]), tokenizer, max_length=128)
+  sums = {"chosen": [], "rejected": []}
+  for ex in examples:
+    for key in sums:
+      ids = np.concatenate([ex.prompt_ids, getattr(ex, f"{key}_ids")])
+      with torch.no_grad():
+        logits = model(torch.tensor(ids[None], dtype=torch.long)).logits[0].double()
+      logp = torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(ids[1:, None])).squeeze(-1)
+      sums[key].append(float(logp[len(ex.prompt_ids) - 1:].sum()))
+  return np.mean(sums["chosen"]), np.mean(sums["rejected"])
+
+
+def test_stacked_dpo_starts_at_the_sft_model(demo_config, tiny_hf_dir, pairs_file, tmp_path, capsys):
+  sft = stage(demo_config, "sft", tiny_hf_dir, "nf4")
+  T.train_and_evaluate(sft, str(tmp_path / "sft"))
+  W.export_workdir(str(tmp_path / "sft"), str(tmp_path / "sft_hf"), dtype="float32", adapter=False)
+  want = transformers_pair_logps(str(tmp_path / "sft_hf"), pairs_file)
+  errors = {}
+  for init_as in ("stacked", "merged"):
+    dpo = stage(demo_config, "dpo", tiny_hf_dir, "nf4", **{"data.train": pairs_file, "train.steps": 1,
+                                                           "init_from": str(tmp_path / "sft"), "init_as": init_as})
+    T.train_and_evaluate(dpo, str(tmp_path / f"dpo-{init_as}"))
+    first = metrics_of(str(tmp_path / f"dpo-{init_as}"))[0]
+    errors[init_as] = max(rel(first["logps/chosen"], want[0]), rel(first["logps/rejected"], want[1]))
+    for key in ("rewards/chosen", "rewards/rejected"):
+      assert abs(first[key]) <= 1e-5, (init_as, key, first[key])
+  with capsys.disabled():
+    print(f"\nstep-1 DPO logps vs transformers on the SFT model: stacked {errors['stacked']:.2e}, "
+          f"merged (NF4 re-quantized) {errors['merged']:.2e} relative")
+  assert errors["stacked"] <= 1e-5, errors
+  assert errors["merged"] > errors["stacked"]  # re-quantizing the merged SFT model moves it
+
+
+@pytest.mark.slow
+def test_three_stacked_stages_export_as_one_peft_adapter(demo_config, tiny_hf_dir, pairs_file, tmp_path):
+  import peft
+  import torch
+  import transformers
+  previous = None
+  for name, data in (("sft", None), ("dpo", pairs_file), ("lm", None)):
+    c = stage(demo_config, name, tiny_hf_dir, "none", **({"data.train": data} if data else {}))
+    if previous:
+      c.init_from = previous
+    T.train_and_evaluate(c, str(tmp_path / name))
+    previous = str(tmp_path / name)
+  W.export_workdir(previous, str(tmp_path / "hf"), dtype="float32")
+  with open(tmp_path / "hf" / "adapter" / "adapter_config.json") as f:
+    assert json.load(f)["r"] == 12  # 4 + 4 + 4: one adapter, the three stages' ranks stacked
+
+  net, params, _, _ = W.load_model(previous, scan_layers=False)
+  tokens = np.random.RandomState(0).randint(3, 49152, (2, 24)).astype(np.int32)
+  ours = np.asarray(net.apply({"params": params}, tokens)[0], np.float64)
+  base = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
+  with torch.no_grad():
+    with_adapter = peft.PeftModel.from_pretrained(base, str(tmp_path / "hf" / "adapter")).eval()
+    theirs = with_adapter(torch.tensor(tokens, dtype=torch.long)).logits.double().numpy()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    theirs_merged = merged(torch.tensor(tokens, dtype=torch.long)).logits.double().numpy()
+  assert rel(ours, theirs) <= 1e-5
+  assert rel(ours, theirs_merged) <= 1e-5
+  assert net.lora.frozen_rank == 8  # the workdir's model holds the sft and dpo adapters, frozen
