@@ -175,7 +175,7 @@ def test_preview_records(smol):
   (record,) = [ex.preview(smol) for ex in examples]
   assert record["input_ids"] == template_ids(smol, CHAT)
   assert record["text"] == smol.apply_chat_template(CHAT, tokenize=False)
-  assert len(record["loss_mask"]) == len(record["input_ids"])
+  assert record["loss_mask"] == [0] + [1] * (len(record["input_ids"]) - 1)  # mask='all': every token but the first
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,10 +279,13 @@ def test_max_prompt_length_keeps_the_prompt_end(smol):
   assert cut.chosen_ids.tolist() == full.chosen_ids.tolist()
 
 
-def test_preference_preview(smol):
+def test_preference_preview(smol, trl_prepare):
   ex = preference.encode_preference(row(CONV[0]), smol, max_length=512)
   record = ex.preview(smol)
   assert record["text"] == smol.apply_chat_template(CONV[0]["prompt"] + CONV[0]["chosen"], tokenize=False)
+  (ref,) = trl_prepare(smol, CONV[:1])
+  assert [record["prompt_ids"], record["chosen_ids"], record["rejected_ids"]] == [
+      ref["prompt_ids"], ref["chosen_ids"], ref["rejected_ids"]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,13 +324,24 @@ def test_packing_layout():
   assert len(seen) == len(set(seen))
 
 
-def test_unpacked_rows_follow_the_seeded_shuffle():
+def test_unpacked_rows_are_each_epoch_shuffled_once_over():
   examples = make_examples(range(1, 9))
   it = batching.BatchIterator(examples, batch_size=4, max_length=8, seed=11)
-  order = np.random.Generator(np.random.PCG64(np.random.SeedSequence([11, 0]))).permutation(8)
-  batch = next(it)
-  assert [int(b[0]) // 1000 - 1 for b in batch["input_ids"]] == order[:4].tolist()
-  assert (batch["segment_ids"] <= 1).all()
+  epochs = []
+  for _ in range(2):
+    order = []
+    for batch in batches(it, 2):
+      for ids, mask, seg, pos in zip(batch["input_ids"], batch["loss_mask"], batch["segment_ids"],
+                                     batch["positions"]):
+        owner = int(ids[0]) // 1000 - 1
+        n = len(examples[owner].input_ids)
+        assert ids[:n].tolist() == examples[owner].input_ids.tolist()  # one whole example per row
+        assert seg.tolist() == [1] * n + [0] * (8 - n) and pos[:n].tolist() == list(range(n))
+        assert mask.tolist() == [0] + [1] * (n - 1) + [0] * (8 - n)
+        order.append(owner)
+    assert sorted(order) == list(range(8))  # every example once per epoch
+    epochs.append(order)
+  assert epochs[0] != list(range(8)) and epochs[1] != epochs[0]  # shuffled, afresh each epoch
 
 
 def batches(it, n):

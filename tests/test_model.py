@@ -126,15 +126,32 @@ def test_kv_cache_decoding_equals_full_forward(scan):
   np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=1e-5)
 
 
-def test_every_weight_has_logical_axes():
-  model = M.Llama(TINY, lora=cfg.LoraSpec(rank=4, alpha=8))
-  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-  specs = jax.tree.leaves(
-      jax.tree.map(lambda x: x, abstract["params"], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+@pytest.mark.parametrize("scan", [True, False])
+def test_every_weight_has_its_logical_axes(scan):
+  """MaxText's names: `embed` for D, `q_heads` / `kv_heads` for N*H / K*H, `mlp` for F, `vocab` for V, `norm`
+  for a norm scale, `layers` for the scanned layer axis; a LoRA factor's rank axis is unnamed."""
   import flax.linen as nn
-  boxed = jax.tree.leaves(abstract["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  assert boxed and all(isinstance(x, nn.LogicallyPartitioned) for x in boxed)
-  assert all(len(x.names) == x.value.ndim for x in boxed)
-  layer_kernel = abstract["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
-  assert layer_kernel.names == ("layers", "embed", "q_heads")
-  del specs
+  from flax import traverse_util
+  model = M.Llama(TINY, scan_layers=scan, lora=M.LoraSpec(rank=4, alpha=8))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  boxed = traverse_util.flatten_dict(abstract, is_leaf=lambda _, x: isinstance(x, nn.LogicallyPartitioned))
+  assert all(isinstance(x, nn.LogicallyPartitioned) for x in boxed.values())
+  got = {"/".join(path): x.names for path, x in boxed.items()}
+  layer = {"input_layernorm/scale": ("norm",), "post_attention_layernorm/scale": ("norm",)}
+  for parent, name, axes in [
+      ("self_attn", "q_proj", ("embed", "q_heads")), ("self_attn", "k_proj", ("embed", "kv_heads")),
+      ("self_attn", "v_proj", ("embed", "kv_heads")), ("self_attn", "o_proj", ("q_heads", "embed")),
+      ("mlp", "gate_proj", ("embed", "mlp")), ("mlp", "up_proj", ("embed", "mlp")),
+      ("mlp", "down_proj", ("mlp", "embed"))]:
+    layer[f"{parent}/{name}/kernel"] = axes
+    layer[f"{parent}/{name}/lora_a"] = (axes[0], None)
+    layer[f"{parent}/{name}/lora_b"] = (None, axes[1])
+  expected = {"embed_tokens/embedding": ("vocab", "embed"), "norm/scale": ("norm",),
+              "lm_head/kernel": ("embed", "vocab")}
+  for path, names in layer.items():
+    if scan:
+      expected[f"layers/{path}"] = ("layers",) + names
+    else:
+      expected.update({f"layers_{i}/{path}": names for i in range(TINY.num_layers)})
+  assert got == expected
+  assert all(len(x.names) == x.value.ndim for x in boxed.values())

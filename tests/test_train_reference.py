@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from anita_jax.model.config import PROJECTIONS
+from anita_jax.train import config as C
 from anita_jax.train import loop as T
+from anita_jax.train import state as ST
 from anita_jax.train import workdir as W
 from test_dpo import dpo_config, metrics_of, pairs_file, rel  # noqa: F401 - pairs_file is a fixture
 
@@ -65,7 +67,7 @@ def test_dpo_with_sft_term_matches_trl(demo_config, tiny_hf_dir, pairs_file, tmp
   T.train_and_evaluate(c, str(tmp_path / "ours"))
   ours = metrics_of(str(tmp_path / "ours"))
 
-  initial = jax.tree.map(np.asarray, T.build_stage(c).state["params"])
+  initial = jax.tree.map(np.asarray, ST.build_stage(c, W.base_model_path(C.freeze(c))).state["params"])
   model = peft_model_with_our_adapters(tiny_hf_dir, c, initial)
   tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_hf_dir)
   rows = [json.loads(line) for line in open(pairs_file, encoding="utf-8")]
@@ -79,15 +81,14 @@ def test_dpo_with_sft_term_matches_trl(demo_config, tiny_hf_dir, pairs_file, tmp
                            processing_class=tokenizer)
   trainer.train()
   theirs = [h for h in trainer.state.log_history if "rewards/chosen" in h]
-  for k in ("loss", "grad_norm", "rewards/chosen", "rewards/margins", "logps/chosen", "logits/chosen", "learning_rate"):
-    print("DBG", k, [(o.get(k), t.get(k), rel(o[k], t[k])) for o, t in zip(ours, theirs)])
   assert [m["step"] for m in ours] == [h["step"] for h in theirs] == [1, 2]
   # Step 1: the loss (DPO log 2 plus the weighted chosen NLL) and the gradient it gives the adapters.
-  assert rel(ours[0]["loss"], theirs[0]["loss"]) <= 1e-5, (ours[0]["loss"], theirs[0]["loss"])
-  assert rel(ours[0]["grad_norm"], theirs[0]["grad_norm"]) <= 1e-4, (ours[0]["grad_norm"], theirs[0]["grad_norm"])
-  # Step 2, after one AdamW update from that gradient: the DPO term is no longer log 2.
-  for key in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen"):
-    assert rel(ours[1][key], theirs[1][key]) <= 1e-3, (key, ours[1][key], theirs[1][key])
+  for key in ("loss", "grad_norm"):
+    assert rel(ours[0][key], theirs[0][key]) <= 1e-5, (key, ours[0][key], theirs[0][key])
+  # Step 2, after one AdamW update from that gradient: the DPO term is no longer log 2 (seen here: rewards
+  # agree to 1e-5 relative, losses and log-probs to 1e-6).
+  for key in ("loss", "grad_norm", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected"):
+    assert rel(ours[1][key], theirs[1][key]) <= 1e-4, (key, ours[1][key], theirs[1][key])
   assert ours[1]["learning_rate"] == pytest.approx(theirs[1]["learning_rate"], rel=1e-6)
 
 
@@ -251,7 +252,7 @@ def test_every_weight_is_placed_as_the_rules_intend_on_a_2x2x2_mesh(demo_config,
   c.lora.rank = 8
   c.train.trainable = "lora,norms"
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
-  stage = T.build_stage(c)
+  stage = ST.build_stage(c, W.base_model_path(C.freeze(c)))
   assert dict(stage.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
   frozen, trainable = expected_placements()
   assert placements(stage.frozen) == frozen
