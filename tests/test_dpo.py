@@ -146,3 +146,46 @@ def test_base_reference_holds_no_second_copy(demo_config, tiny_hf_dir, pairs_fil
   print(f"temp: base {base_temp / 1e6:.1f} MB, precomputed {pre_temp / 1e6:.1f} MB, reference logits "
         f"{ref_logits / 1e6:.1f} MB, frozen weights {frozen_bytes / 1e6:.1f} MB")
   assert base_temp - pre_temp <= ref_logits + frozen_bytes / 2
+
+
+def test_dpo_eval_scores_every_pair(demo_config, tiny_hf_dir, pairs_file, tmp_path):
+  """5 eval pairs in eval batches of 4: the last batch is padded with empty pairs, which count nowhere.
+  The logged eval metrics equal transformers' (float64) on the exported policy and the base."""
+  import torch
+  import transformers
+
+  from anita_jax.data import preference
+  from anita_jax.data import rows as D
+  eval_file = tmp_path / "eval.jsonl"
+  eval_file.write_text("".join(open(pairs_file, encoding="utf-8").readlines()[:5]), encoding="utf-8")
+  c = dpo_config(demo_config, tiny_hf_dir, pairs_file, **{"quant.type": "none", "train.steps": 1,
+                                                          "train.batch_size": 4, "data.eval": str(eval_file),
+                                                          "mesh.data": 1, "train.lr": 2e-2})
+  T.train_and_evaluate(c, str(tmp_path / "w"))
+  ours = metrics_of(str(tmp_path / "w"))[-1]
+  W.export_workdir(str(tmp_path / "w"), str(tmp_path / "hf"), dtype="float32", adapter=False)
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_hf_dir)
+  examples, _ = preference.encode_preferences(D.load_rows([str(eval_file)]), tokenizer, max_length=128)
+  assert len(examples) == 5
+
+  def logps(model_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    out = []
+    for ex in examples:
+      pair = []
+      for completion in (ex.chosen_ids, ex.rejected_ids):
+        ids = torch.tensor(np.concatenate([ex.prompt_ids, completion])[None], dtype=torch.long)
+        with torch.no_grad():
+          logp = torch.log_softmax(model(ids).logits[0], -1)[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+        pair.append(float(logp[len(ex.prompt_ids) - 1:].sum()))
+      out.append(pair)
+    return np.asarray(out)
+
+  policy, ref = logps(str(tmp_path / "hf")), logps(tiny_hf_dir)
+  margin = 0.1 * ((policy[:, 0] - ref[:, 0]) - (policy[:, 1] - ref[:, 1]))
+  want = {"eval_loss": float(np.mean(np.logaddexp(0.0, -margin))),
+          "eval_rewards/margins": float(np.mean(margin)), "eval_rewards/accuracies": float(np.mean(margin > 0))}
+  assert abs(want["eval_rewards/margins"]) > 1e-3  # trained: the policy has moved from the reference
+  for key, value in want.items():
+    assert abs(ours[key] - value) <= 1e-4 * max(1.0, abs(value)), (key, ours[key], value)

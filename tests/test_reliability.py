@@ -304,6 +304,22 @@ def test_unknown_config_fields_and_wrong_types_are_one_error_line(tmp_path, flag
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
+@pytest.mark.parametrize("config, message", [
+    ("anita_dem.py:sft", "error: --config: cannot load the config file ([Errno 2] No such file or directory"),
+    ("anita_demo.py:dop", "error: flag --config="),
+])
+def test_a_misspelt_config_file_or_stage_is_one_error_line(tmp_path, config, message):
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"),
+                           "--config=" + os.path.join(ROOT, "configs", config), f"--workdir={tmp_path / 'w'}"],
+                          env=env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
+  if config.endswith("dop"):
+    assert lines[0].endswith("expected sft, dpo or lm")  # the config file's own message, not an empty one
+  assert not os.path.exists(tmp_path / "w")
+
+
 # ----------------------------------------------------------------------------------------------
 # Safety
 

@@ -139,13 +139,8 @@ def float64_eval_loss(model_dir, chats, adapter_dir=None):
   return total / count
 
 
-@pytest.mark.parametrize("num_eval", [
-    8,
-    # 10 rows in eval batches of 4: the last two rows are a partial batch.
-    pytest.param(10, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "evaluate() runs eval_iter.steps_in_epoch(0) full batches: BatchIterator drops the last partial "
-        "batch, so eval rows beyond a multiple of the eval batch size are never scored"))),
-])
+# 10 rows in eval batches of 4: the last batch is partial, and every row is still scored.
+@pytest.mark.parametrize("num_eval", [8, 10])
 def test_sft_eval_loss_equals_float64_reference(demo_config, tiny_hf_dir, tmp_path, num_eval):
   c = demo_config("sft")
   c.model.path, c.quant.type = tiny_hf_dir, "none"  # the very weights transformers reads

@@ -76,7 +76,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e).splitlines()[0])
+    message = str(e).splitlines()[0]
+    cause = e.__cause__ or e.__context__
+    if message.rstrip().endswith(":") and cause is not None and str(cause).strip():
+      message = f"{message.rstrip()} {str(cause).strip().splitlines()[-1]}"  # the config file's own error
+    _fail(message)
   except (AttributeError, KeyError) as e:  # ml_collections: --config.FIELD names no field of the config
     text = str(e)
     words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)
@@ -104,6 +108,11 @@ def run(main: Callable[[list[str]], None]) -> None:
       if logging.get_verbosity() >= 1:
         raise
       _fail(str(e))
+    except OSError as e:
+      text = str(e)
+      if not text.startswith("Configuration is not available"):  # not ml_collections' unreadable --config
+        raise
+      _fail(f"--config: cannot load the config file ({text.strip().splitlines()[-1].strip()})")
     except Preempted as e:  # saved at a step boundary: a clean exit, the scheduler restarts the job
       print(str(e), file=sys.stderr, flush=True)
       sys.exit(0)

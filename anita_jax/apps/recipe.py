@@ -33,14 +33,16 @@ def _done_path(stage_dir: str) -> str:
   return os.path.join(stage_dir, "DONE.json")
 
 
-def run_stage(c: ml_collections.ConfigDict, stage_dir: str) -> None:
+def run_stage(c: ml_collections.ConfigDict, stage_dir: str) -> bool:
+  """Trains (or resumes) the stage; False when it had finished earlier."""
   if os.path.isfile(_done_path(stage_dir)):
     _say(f"{stage_dir}: finished earlier, skipped")
-    return
+    return False
   started = time.time()
   metrics = train.train_and_evaluate(c, stage_dir)
   if jax.process_index() == 0:
     files.write_json(_done_path(stage_dir), {"seconds": round(time.time() - started, 1), "last_metrics": metrics})
+  return True
 
 
 def run_recipe(recipe: ml_collections.ConfigDict, workdir: str) -> None:
@@ -50,20 +52,24 @@ def run_recipe(recipe: ml_collections.ConfigDict, workdir: str) -> None:
     raise UserError(f"--config: a recipe config needs the stages {', '.join(STAGES)}; '{missing[0]}' is missing "
                     "(give a recipe config without an ARG)")
   os.makedirs(workdir, exist_ok=True)
-  previous = None
+  previous, trained = None, False
   for name in STAGES:
     c = recipe[name]
     if previous is not None:
       c.init_from = previous
     stage_dir = os.path.join(workdir, name)
     _say(f"== stage {name} -> {stage_dir}")
-    run_stage(c, stage_dir)
+    trained = run_stage(c, stage_dir) or trained
     previous = stage_dir
   last = recipe[STAGES[-1]]
   hf_dir = os.path.join(workdir, "hf")
-  if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+  exported = not os.path.isfile(os.path.join(hf_dir, "config.json"))
+  if exported:
     _say(f"== export -> {hf_dir}")
     W.export_workdir(previous, hf_dir, dtype=last.model.dtype)
+  if not (trained or exported) and os.path.isfile(os.path.join(workdir, "report.md")):
+    _say(f"== report: {os.path.join(workdir, 'report.md')} is up to date (no stage ran), skipped")
+    return
   _say("== report")
   write_recipe_report(recipe, workdir)
 

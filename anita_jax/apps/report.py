@@ -166,6 +166,7 @@ def evaluate_model(path: str, data_dir: str, *, dtype: str | None = None, quant=
     `dtype` / `quant` say otherwise; anything else defaults to float32 and no quantization).
   data_dir: holds `texts` (Italian text rows), `pairs` (preference rows) and `prompts`.
   """
+  print(f"report: evaluating {path} (perplexity, preference pairs, answers)", file=sys.stderr, flush=True)
   paths = [os.path.join(data_dir, name) for name in (texts, pairs, prompts)]
   for path_ in paths:
     if not os.path.isfile(path_):

@@ -134,6 +134,16 @@ class BatchIterator:
       raise UserError(f"data state {tuple(state)}: epoch and batch index must be >= 0")
     self._epoch, self._index = epoch, index
 
+  def eval_batches(self):
+    """Every row of epoch 0 once, in batches of `batch_size`; the last batch is filled up with empty
+    rows (no tokens, no targets), so an evaluation scores every example."""
+    groups = list(self.groups(0))
+    groups += [[]] * (-len(groups) % self.batch_size)
+    share = self._rows_per_batch(self.batch_size) // self.num_processes
+    for start in range(0, len(groups), self.batch_size):
+      yield self._build(groups[start:start + self.batch_size], self.process_index * share,
+                        (self.process_index + 1) * share)
+
   def __iter__(self):
     return self
 

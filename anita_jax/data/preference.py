@@ -151,6 +151,8 @@ def build_batch(examples: Sequence[PreferenceExample], pairs: Sequence[int], sta
   batch = {"input_ids": np.full(shape, pad_id, np.int32), "loss_mask": np.zeros(shape, np.int32),
            "segment_ids": np.zeros(shape, np.int32), "positions": np.zeros(shape, np.int32)}
   for out, row in enumerate(range(start, stop)):
+    if pairs[row % b] is None:  # an empty pair: padding rows only (`BatchIterator.eval_batches`)
+      continue
     ex = examples[pairs[row % b]]
     completion = ex.chosen_ids if row < b else ex.rejected_ids
     p, n = len(ex.prompt_ids), len(ex.prompt_ids) + len(completion)
@@ -177,4 +179,5 @@ class PreferenceBatchIterator(batching.BatchIterator):
     return 2 * batch_size
 
   def _build(self, groups, start, stop):
-    return build_batch(self.examples, [g[0] for g in groups], start, stop, self.max_length, self.pad_id)
+    return build_batch(self.examples, [g[0] if g else None for g in groups], start, stop, self.max_length,
+                       self.pad_id)

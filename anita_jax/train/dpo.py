@@ -70,10 +70,25 @@ class Dpo(Objective):
     return loss, {"loss": loss, "tokens": jnp.sum(ntok, dtype=jnp.float32), **metrics}
 
   def eval_sums(self, model, spec, params, frozen, batch):
-    loss, metrics = self.loss(model.clone(deterministic=True), params, frozen, batch, None, spec, None)
-    n = jnp.float32(batch["input_ids"].shape[0] // 2)
-    return {"loss_sum": loss * n, "weight": n, "acc_sum": metrics["rewards/accuracies"] * n,
-            "margin_sum": metrics["rewards/margins"] * n}
+    """Per-pair sums over the batch's real pairs (an empty pair, the padding of the last eval batch, has
+    no completion tokens and counts nowhere)."""
+    model = model.clone(deterministic=True)
+    logp, mean_logit = token_stats(model, params, frozen, batch, None, spec)
+    logps, ntok, _ = losses.completion_stats(logp, mean_logit, batch["loss_mask"])
+    ref_stats = token_stats(model, params, frozen, batch, None, spec, adapters_enabled=False)
+    ref = losses.completion_stats(*ref_stats, batch["loss_mask"])[0]
+    b = logps.shape[0] // 2
+    real = ntok[:b] > 0
+    per_pair = losses.dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=spec.beta, loss_type=spec.loss_type,
+                               label_smoothing=spec.label_smoothing, chosen_tokens=ntok[:b],
+                               rejected_tokens=ntok[b:])
+    if spec.sft_weight:  # the chosen completions' token-mean NLL, as in the training loss
+      sum_nll, count = losses.nll_terms(logp[:b], {k: v[:b] for k, v in batch.items()})
+      per_pair = per_pair + spec.sft_weight * sum_nll / jnp.maximum(count, 1.0)
+    margin = spec.beta * ((logps[:b] - ref[:b]) - (logps[b:] - ref[b:]))
+    count = lambda x: jnp.sum(jnp.where(real, x, 0.0))  # noqa: E731
+    return {"loss_sum": count(per_pair), "weight": count(1.0), "acc_sum": count((margin > 0).astype(jnp.float32)),
+            "margin_sum": count(margin)}
 
   def eval_metrics(self, totals):
     return {"eval_loss": totals["loss_sum"] / max(totals["weight"], 1.0),

@@ -74,10 +74,9 @@ def _stack(batches: list[dict]) -> dict:
 def evaluate(stage: ST.Stage, params, eval_iter, eval_fn) -> dict:
   """The objective's eval metrics over one pass of the eval set (`eval_loss`: token-weighted for sft/lm,
   the pair mean for dpo)."""
-  eval_iter.restore((0, 0))
   totals: dict = {}
-  for _ in range(eval_iter.steps_in_epoch(0)):
-    batch = {k: S.place_local(v, S.batch_sharding(stage.mesh)) for k, v in next(eval_iter).items()}
+  for local in eval_iter.eval_batches():
+    batch = {k: S.place_local(v, S.batch_sharding(stage.mesh)) for k, v in local.items()}
     for k, v in eval_fn(params, stage.frozen, batch).items():
       totals[k] = totals.get(k, 0.0) + float(v)
   return STEP.objective(stage.config.stage).eval_metrics(totals)
