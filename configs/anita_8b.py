@@ -53,6 +53,12 @@ def stage(name: str) -> ml_collections.ConfigDict:
     c.train.lr, c.train.schedule, c.train.warmup_ratio = 5e-5, "linear", 0.1
     c.train.weight_decay = 0.0
     c.dpo.beta, c.dpo.loss_type, c.dpo.reference = 0.1, "sigmoid", "base"
+    # data.packing=true packs pairs, [prompt][chosen][rejected] in rows of 2 x 1024 tokens, each prompt computed
+    # once (exact: tests/test_dpo_packing.py); batch_size then counts rows, and a step averages over the pairs its
+    # rows hold. For about ANITA's 96 pairs a step, make batch_size x grad_accum ~ 96 / pairs per row
+    # (scripts/preview_data.py --num_examples=2000 prints the rows of the first 2000 pairs). Off until its
+    # v5e figures are measured: packing=false gives exactly 8 x 12 pairs a step.
+    c.data.packing = False
   elif name == "lm":
     # init_from: the dpo workdir
     c.data.train = "gsarti/clean_mc4_it"

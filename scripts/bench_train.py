@@ -10,6 +10,13 @@ Model FLOPs of a LoRA step (no rematerialisation): 4 * N_frozen * tokens (forwar
 activations only) + 6 * N_lora * tokens (LoRA forward, input and weight gradients) + attention
 4 * 2 * layers * T * d_attn * tokens (QK^T and AV, forward and backward, full square); dpo adds the reference
 forward, 2 * N_frozen * tokens + 2 * layers * T * d_attn * tokens.
+
+python scripts/bench_train.py --stage=dpo --packing [--dtypes=float32 --quants=none] [--compare_padded]
+  One epoch over 48 variable-length pairs (prompt and completion tokens log-normal, medians 60 and 110,
+  prompt + completion capped at max_length=512), wall time of the whole epoch after one compiled warm-up step:
+  ours with data.packing (rows of 2 x 512 tokens, --rows per step, each prompt computed once) against TRL
+  DPOTrainer + PEFT (4 pairs per step in data order, padded to each batch's longest, no gradient checkpointing);
+  --compare_padded adds ours unpacked (4 pairs per step, padded to 512).
 """
 
 import json
@@ -24,6 +31,9 @@ _QUANTS = flags.DEFINE_list("quants", ["none", "nf4"], "Frozen weight formats fo
 _STEPS = flags.DEFINE_integer("steps", 4, "Timed steps (after one warm-up step).")
 _TRL = flags.DEFINE_bool("trl", True, "Also time TRL (SFTTrainer or DPOTrainer) + PEFT.")
 _STAGE = flags.DEFINE_enum("stage", "sft", ["sft", "dpo"], "The step to time.")
+_PACKING = flags.DEFINE_bool("packing", False, "dpo: time one epoch of variable-length pairs, ours packed.")
+_ROWS = flags.DEFINE_integer("rows", 2, "dpo --packing: packed rows (of 2 x 512 tokens) per step.")
+_PADDED = flags.DEFINE_bool("compare_padded", False, "dpo --packing: also time ours unpacked.")
 B, T, RANK = 8, 256, 16  # sft: 8 rows; dpo: 4 pairs = 8 rows
 PROMPT = 64  # dpo: prompt tokens of each row; the completion fills the rest of T
 
@@ -52,15 +62,19 @@ def model_flops(config) -> float:
   return flops
 
 
-def dpo_rows(tokenizer, seed: int = 0):
-  """Texts of 4 pairs whose tokens are exactly PROMPT + (T - PROMPT - 1) + EOS, and their ids."""
-  import numpy as np
+def _text_of(tokenizer, rng):
+  """A function n -> a text of exactly n tokens (n words that are one token each)."""
   words = sorted(w[1:] for w in tokenizer.get_vocab() if w.startswith("Ġ") and w[1:].isalpha() and w[1:].islower()
                  and 3 <= len(w) <= 7)[:4000]
   single = tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"]
   words = [w for w, ids in zip(words, single) if len(ids) == 1]
-  rng = np.random.RandomState(seed)
-  text = lambda n: "".join(" " + words[i] for i in rng.randint(0, len(words), n))
+  return lambda n: "".join(" " + words[i] for i in rng.randint(0, len(words), n))
+
+
+def dpo_rows(tokenizer, seed: int = 0):
+  """Texts of 4 pairs whose tokens are exactly PROMPT + (T - PROMPT - 1) + EOS, and their ids."""
+  import numpy as np
+  text = _text_of(tokenizer, np.random.RandomState(seed))
   rows = [{"prompt": text(PROMPT), "chosen": text(T - PROMPT - 1), "rejected": text(T - PROMPT - 1)}
           for _ in range(B // 2)]
   for row in rows:
@@ -172,9 +186,129 @@ def time_trl(dtype: str, steps: int) -> float:
   return (times[-1] - times[1]) / steps  # the first step warms up
 
 
+PAIRS, MAX_LENGTH = 48, 512
+
+
+def variable_pairs(tokenizer, seed: int = 0) -> list[dict]:
+  """48 string pairs: prompt P and completions C, R (+ the EOS both trainers append) log-normal in tokens,
+  medians 60 and 110, sigma 0.6; prompt + completion at most MAX_LENGTH."""
+  import numpy as np
+  rng = np.random.RandomState(seed)
+  text = _text_of(tokenizer, rng)
+  lognormal = lambda median: int(round(rng.lognormal(np.log(median), 0.6)))  # noqa: E731
+  rows = []
+  for _ in range(PAIRS):
+    p = min(max(lognormal(60), 1), MAX_LENGTH // 2)
+    c, r = (min(max(lognormal(110), 2), MAX_LENGTH - p) for _ in range(2))
+    rows.append({"prompt": text(p), "chosen": text(c - 1), "rejected": text(r - 1)})
+  return rows
+
+
+def epoch_ours(dtype: str, quant: str, packing: bool) -> dict:
+  """Wall time of one epoch over `variable_pairs`, after a warm-up (compiling) step on its first batch."""
+  import jax
+
+  from anita_jax.data import preference as PR
+  from anita_jax.train import config as stage_config
+  from anita_jax.train import state as ST
+  from anita_jax.train import step as STEP
+  from anita_jax.train import workdir as W
+  from anita_jax.train.optim import make_optimizer
+  c = stage_config.stage_config("dpo")
+  c.model.dtype, c.quant.type = dtype, quant
+  c.lora.rank, c.lora.alpha = RANK, 32.0
+  c.data.max_length, c.data.packing = MAX_LENGTH, packing
+  c.train.batch_size = _ROWS.value if packing else 4
+  c.mesh.data = 1
+  c = stage_config.freeze(c)
+  stage = ST.build_stage(c, W.base_model_path(c))
+  tokenizer = stage.tokenizer
+  examples = [PR.encode_preference(r, tokenizer, max_length=MAX_LENGTH) for r in variable_pairs(tokenizer)]
+  it = PR.PreferenceBatchIterator(examples, batch_size=c.train.batch_size, max_length=MAX_LENGTH, packing=packing,
+                                  pad_id=tokenizer.pad_token_id or 0)
+  batches = [{k: v[None] for k, v in next(it).items()} for _ in range(it.steps_in_epoch(0))]
+  tx, _ = make_optimizer(c.train, 100)
+  step = STEP.compile_step(stage, tx, STEP.data_shardings(stage))
+  state, rng = stage.state, jax.random.key(0)
+  state, m = step(state, stage.frozen, batches[0], rng)  # compiles; the state is donated
+  jax.block_until_ready(m)
+  start = time.perf_counter()
+  for batch in batches:
+    state, m = step(state, stage.frozen, batch, rng)
+  jax.block_until_ready(m)
+  seconds = time.perf_counter() - start
+  return {"seconds": seconds, "steps": len(batches), "pairs": sum(len(g) for g in it.groups(0)),
+          "rows": len(it.groups(0)), "real_tokens": sum(PR.pair_length(ex) for ex in examples)}
+
+
+def epoch_trl(dtype: str) -> float:
+  """TRL DPOTrainer + PEFT over the same pairs, 4 per step in data order, after one warm-up step."""
+  import os
+
+  import datasets
+  import peft
+  import torch
+  import transformers
+  import trl
+
+  from anita_jax.convert import loading
+  path = loading.embedded_default_path()
+  torch_dtype = getattr(torch, dtype)
+  gguf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                           dtype=torch_dtype)
+  config = gguf.config
+  if hasattr(config, "quantization_config"):
+    del config.quantization_config
+  model = transformers.LlamaForCausalLM(config).to(torch_dtype)
+  model.load_state_dict(gguf.state_dict())
+  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+  rows = variable_pairs(tokenizer)
+  times = []
+
+  class Timer(transformers.TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+      times.append(time.perf_counter())
+
+  class InOrder(trl.DPOTrainer):
+    def _get_train_sampler(self, *args, **kwargs):
+      return torch.utils.data.SequentialSampler(self.train_dataset)
+
+  lora = peft.LoraConfig(r=RANK, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                "up_proj", "down_proj"], task_type="CAUSAL_LM")
+  args = trl.DPOConfig(output_dir="/tmp/bench_trl", per_device_train_batch_size=4, max_steps=PAIRS // 4 + 1,
+                       logging_steps=1000, report_to=[], use_cpu=True, bf16=dtype == "bfloat16",
+                       max_length=MAX_LENGTH, save_strategy="no", dataloader_drop_last=True,
+                       gradient_checkpointing=False)
+  trainer = InOrder(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows[:4] + rows),
+                    processing_class=tokenizer, peft_config=lora, callbacks=[Timer()])
+  trainer.train()
+  return time.perf_counter() - times[1]  # steps 2.. : the 48 pairs
+
+
+def main_packed_epoch():
+  import torch
+  for dtype in _DTYPES.value:
+    trl_s = epoch_trl(dtype) if _TRL.value else None
+    for quant in _QUANTS.value:
+      packed = epoch_ours(dtype, quant, packing=True)
+      row = {"stage": "dpo", "packing": True, "dtype": dtype, "quant": quant, "pairs": packed["pairs"],
+             "real_tokens": packed["real_tokens"], "packed_rows": packed["rows"], "rows_per_step": _ROWS.value,
+             "anita_jax_epoch_s": round(packed["seconds"], 2),
+             "trl_peft_epoch_s": None if trl_s is None else round(trl_s, 2),
+             "time_vs_trl": None if trl_s is None else round(packed["seconds"] / trl_s, 3),
+             "torch_threads": torch.get_num_threads()}
+      if _PADDED.value:
+        row["anita_jax_unpacked_epoch_s"] = round(epoch_ours(dtype, quant, packing=False)["seconds"], 2)
+      print(json.dumps(row), flush=True)
+
+
 def main(argv):
   del argv
   import torch
+  if _PACKING.value:
+    if _STAGE.value != "dpo":
+      raise SystemExit("--packing times the dpo stage: add --stage=dpo")
+    return main_packed_epoch()
   rows = []
   for dtype in _DTYPES.value:
     peak = peak_flops(dtype)

@@ -1,5 +1,7 @@
 """Print what the trainer consumes, one JSON line per example: input_ids, loss_mask, text (DPO: prompt_ids,
-chosen_ids, rejected_ids, text). python scripts/preview_data.py --config=configs/FILE.py:STAGE [--num_examples=N]"""
+chosen_ids, rejected_ids, text; DPO with data.packing: one line per packed row of those examples, its pairs'
+spans and texts, input_ids, segment_ids, branch_ids, positions, loss_mask, prev_index).
+python scripts/preview_data.py --config=configs/FILE.py:STAGE [--num_examples=N]"""
 
 from absl import flags
 from ml_collections import config_flags

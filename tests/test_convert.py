@@ -61,7 +61,9 @@ def test_gguf_import_matches_transformers_gguf_loader(smollm2_gguf, reference):
     with torch.no_grad():
       expected = model(torch.tensor([x])).logits[0].numpy()
     errors.append(rel_err(ours[row, :len(x)], expected))
-  assert max(errors) <= 1e-5, errors
+  # fp32 through 30 layers: 2e-6 to 4e-6 on most hosts, 3.9e-5 on one prompt on an AMD EPYC host (torch's
+  # fp32 kernels differ by host); a wrong weight or layout gives 1e-2 and more.
+  assert max(errors) <= 1e-4, errors
 
 
 def test_hf_dir_import_equals_gguf_import(smollm2_gguf, smollm2_hf_dir, reference):

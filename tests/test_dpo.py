@@ -45,6 +45,7 @@ def dpo_config(demo_config, model_dir, data, **overrides):
   c.quant.type = "nf4"
   c.data.train, c.data.eval = data, ""
   c.data.max_length, c.data.max_prompt_length = 128, None
+  c.data.packing = False  # the padded [2B, T] layout, as TRL's (packed pairs: tests/test_dpo_packing.py)
   c.train.batch_size, c.train.steps, c.train.log_every = 8, 3, 1
   c.train.warmup_ratio, c.train.warmup_steps, c.train.lr = 0.0, 0, 1e-3
   c.checkpoint.every = 1000

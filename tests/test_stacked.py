@@ -82,6 +82,7 @@ def test_stacked_dpo_starts_at_the_sft_model(demo_config, tiny_hf_dir, pairs_fil
   errors = {}
   for init_as in ("stacked", "merged"):
     dpo = stage(demo_config, "dpo", tiny_hf_dir, "nf4", **{"data.train": pairs_file, "train.steps": 1,
+                                                           "data.packing": False,
                                                            "init_from": str(tmp_path / "sft"), "init_as": init_as})
     T.train_and_evaluate(dpo, str(tmp_path / f"dpo-{init_as}"))
     first = metrics_of(str(tmp_path / f"dpo-{init_as}"))[0]
@@ -102,7 +103,7 @@ def test_three_stacked_stages_export_as_one_peft_adapter(demo_config, tiny_hf_di
   import transformers
   previous = None
   for name, data in (("sft", None), ("dpo", pairs_file), ("lm", None)):
-    c = stage(demo_config, name, tiny_hf_dir, "none", **({"data.train": data} if data else {}))
+    c = stage(demo_config, name, tiny_hf_dir, "none", **({"data.train": data, "data.packing": False} if data else {}))
     if previous:
       c.init_from = previous
     T.train_and_evaluate(c, str(tmp_path / name))

@@ -21,6 +21,7 @@ def main(c, num_examples: int) -> None:
                      fmt=c.data.format,
                      max_rows=num_examples if c.data.max_rows is None else min(num_examples, c.data.max_rows))
   examples, stats = STEP.objective(c.stage).encode(c, rows, tokenizer)
-  for record in (ex.preview(tokenizer) for ex in examples[:num_examples]):
+  # Packed DPO pairs: one record per packed row of these examples (its pairs, branches and masks).
+  for record in STEP.objective(c.stage).preview(c, examples[:num_examples], tokenizer):
     print(json.dumps(record, ensure_ascii=False))
   print(f"{stats}", file=sys.stderr)

@@ -1,8 +1,9 @@
 """llama.cpp GGUF checkpoints -> our parameter tree.
 
 Tensors are read one at a time through the `gguf` package (memory-mapped),
-dequantized to fp32 with `gguf.quants.dequantize`, renamed to their HF names,
-and handed to the same streaming builder as an HF directory. llama.cpp stores
+dequantized to fp32 with `gguf.quants.dequantize` (fp32/fp16/bf16 tensors are
+taken as stored), renamed to their HF names, and handed to the same streaming
+builder (and per-layer `hf.LeafTransform`) as an HF directory. llama.cpp stores
 q_proj and k_proj with the rotary pairs interleaved; `_unpermute` restores HF's
 rotate_half order (transformers' GGUF loader is the reference).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+import ml_dtypes
 import numpy as np
 
 from anita_jax.model.config import ModelConfig
@@ -94,17 +96,27 @@ def _hf_name(name: str, path: str) -> str:
   return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
 
 
-def read_gguf_tensors(reader, config: ModelConfig, path: str) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (HF name, fp32 [out, in] array) one tensor at a time."""
+def _array(tensor, path: str) -> np.ndarray:
+  """A tensor's values as an array the caller owns: unquantized types in their stored dtype
+  (copied out of the memory map), quantized ones dequantized to fp32."""
   import gguf
+  kind = gguf.GGMLQuantizationType
+  if tensor.tensor_type in (kind.F32, kind.F16):
+    return np.array(tensor.data)
+  if tensor.tensor_type == kind.BF16:  # raw bytes [..., 2 * n]
+    return np.array(tensor.data.view(ml_dtypes.bfloat16))
+  try:
+    return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+  except (NotImplementedError, ValueError) as e:
+    raise UserError(f"{path}: tensor '{tensor.name}' cannot be dequantized ({e})") from None
+
+
+def read_gguf_tensors(reader, config: ModelConfig, path: str) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (HF name, [out, in] array) one tensor at a time: fp32, or fp16/bf16 as stored."""
   for tensor in reader.tensors:
     name = _hf_name(tensor.name, path)
-    try:
-      array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    except (NotImplementedError, ValueError) as e:
-      raise UserError(f"{path}: tensor '{tensor.name}' cannot be dequantized ({e})") from None
     # The reader's array shape is numpy order (ggml lists dims innermost first).
-    array = np.asarray(array, np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
+    array = _array(tensor, path).reshape(tuple(int(d) for d in reversed(tensor.shape)))
     if name.endswith("q_proj.weight"):
       array = _unpermute(array, config.num_heads)
     elif name.endswith("k_proj.weight"):

@@ -2,17 +2,22 @@
 
 One table maps every HF tensor name to our path; HF linear weights are
 [out, in] and ours [in, out]. Import is streamed: tensors are read one at a
-time from safetensors and written into preallocated arrays, so host memory
-stays near one copy of the final parameters.
+time from safetensors, converted to their final form one layer at a time (a
+`LeafTransform`: quantized, or cast), and written into preallocated stacked
+leaves of that form, so host memory stays near one copy of the final parameters.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
+import jax
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
@@ -76,21 +81,66 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
   tree[path[-1]] = value
 
 
+@dataclasses.dataclass(frozen=True)
+class LeafTransform:
+  """How `build_params` turns checkpoint tensors into final leaves, one layer's tensor at a time.
+
+  convert(path, array) -> node: one tensor of one layer (or a root tensor) as an [in, out]
+    array (possibly a transposed view), in its stored dtype or the build dtype (see
+    `build_params`) -> its final host form: an array, or a quantized node (model/quant.py)
+    of that one matrix. The builder writes each layer's node at index i of a preallocated
+    stacked node of the same form (a leading L axis on every array field), so nothing
+    wider than one layer's tensor is ever materialised. `path` is the finished leaf's
+    path (("layers", ..., "kernel") for scanned layers).
+  place(path, leaf) -> leaf: each finished leaf (the whole stack for scanned layers), for
+    example onto devices.
+  """
+
+  convert: Callable[[tuple[str, ...], np.ndarray], Any]
+  place: Callable[[tuple[str, ...], Any], Any] = lambda path, leaf: leaf
+
+
+# Source dtypes whose every value is exactly a value of the build dtype: casting them
+# through it first changes nothing, so they reach `convert` as stored (no widened copy).
+_EXACT_IN = {
+    np.dtype(np.float32): {np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)},
+    np.dtype(np.float64): {np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)},
+}
+
+
+def _as_read(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+  """`array` as if first cast to the build `dtype`: unchanged where that cast is exact."""
+  if array.dtype == dtype or array.dtype in _EXACT_IN.get(dtype, ()):
+    return array
+  return array.astype(dtype)
+
+
+def _stacked(node, layers: int):
+  """An uninitialised node like `node` with a leading [L] axis on every array field."""
+  return jax.tree.map(lambda x: np.empty((layers,) + np.shape(x), np.asarray(x).dtype), node)
+
+
+def _write(stack, index: int, node) -> None:
+  jax.tree.map(lambda dst, x: dst.__setitem__(index, x), stack, node)
+
+
 def build_params(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], *, source: str,
-                 scan_layers: bool = True, dtype=np.float32,
-                 transform: Callable[[tuple[str, ...], np.ndarray], object] | None = None) -> dict:
+                 scan_layers: bool = True, dtype=np.float32, transform: LeafTransform | None = None) -> dict:
   """Assembles our parameter tree from (HF name, array) pairs, refusing any mismatch.
 
   With `scan_layers` the per-layer tensors are stacked on a leading layer axis.
-  `transform(path, array)` may replace each final leaf (for example to quantize
-  it or to place it on devices) as soon as it is complete.
+  Each tensor is read as `dtype` (the values it would have after that cast), then
+  `transform.convert` gives its final form (default: a `dtype` array), which is written
+  straight into its preallocated stacked leaf; `transform.place` sees each finished leaf.
+  Host memory stays near one copy of the final leaves plus one tensor in flight.
   """
   expected = hf_shapes(config)
+  dtype = np.dtype(dtype)
+  transform = transform or LeafTransform(lambda path, a: np.ascontiguousarray(a, dtype))
   seen: set[str] = set()
   params: dict = {}
-  stacks: dict[tuple[str, ...], np.ndarray] = {}
+  stacks: dict[tuple[str, ...], Any] = {}
   filled: dict[tuple[str, ...], int] = {}
-  finish = transform or (lambda path, a: a)
   for name, array in tensors:
     if _IGNORED.search(name):
       continue
@@ -103,20 +153,24 @@ def build_params(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
                       f"expected {expected[name]}")
     seen.add(name)
     path, layer, transpose = _target(name)
-    value = np.asarray(array.T if transpose else array).astype(dtype, copy=False)
+    array = _as_read(np.asarray(array), dtype)
+    stacked = layer is not None and scan_layers
     if layer is None:
-      _set(params, path, finish(path, np.ascontiguousarray(value)))
-    elif scan_layers:
-      full = ("layers",) + path
-      if full not in stacks:
-        stacks[full] = np.empty((config.num_layers,) + value.shape, dtype)
-      stacks[full][layer] = value
-      filled[full] = filled.get(full, 0) + 1
-      if filled[full] == config.num_layers:
-        _set(params, full, finish(full, stacks.pop(full)))
+      full = path
     else:
-      full = (f"layers_{layer}",) + path
-      _set(params, full, finish(full, np.ascontiguousarray(value)))
+      full = (("layers",) if stacked else (f"layers_{layer}",)) + path
+    node = transform.convert(full, array.T if transpose else array)  # given [in, out], a view
+    del array  # the source goes before the node is placed
+    if not stacked:
+      _set(params, full, transform.place(full, node))
+    else:
+      if full not in stacks:
+        stacks[full], filled[full] = _stacked(node, config.num_layers), 0
+      _write(stacks[full], layer, node)
+      filled[full] += 1
+      if filled[full] == config.num_layers:
+        _set(params, full, transform.place(full, stacks.pop(full)))
+    del node  # and the host node before the next tensor is read
   missing = sorted(set(expected) - seen, key=_natural)
   if missing:
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -41,7 +41,9 @@ def _resolve(path: str) -> str:
 
 def load_weights(path: str, *, scan_layers: bool = True, dtype=np.float32,
                  transform=None) -> tuple[ModelConfig, dict]:
-  """(config, params) from a model PATH. `transform(path, leaf)` sees each finished leaf."""
+  """(config, params) from a model PATH. `transform` (an `hf.LeafTransform`, e.g. `leaf_transform(...)`)
+  converts each layer's tensor to its final form and places each finished leaf; without it every leaf
+  is a host array of `dtype`."""
   local = _resolve(path)
   if os.path.isfile(local):
     if not local.endswith(".gguf"):
@@ -95,23 +97,25 @@ DTYPES = ("float32", "bfloat16")
 
 
 def leaf_transform(quant=None, dtype: str = "float32", place=None):
-  """transform(path, array) for `load_weights`: quantizes the seven projections' kernels per
-  `quant` (streamed: one tensor at a time), casts every other leaf to `dtype`, and puts the
-  result on devices with `place(path, leaf)` (default: the default device)."""
+  """The `transform` of `load_weights`: one layer at a time, quantizes the seven projections'
+  kernels [in, out] per `quant` (fp32 only for that one matrix) and casts every other tensor to
+  `dtype`; each finished leaf (a stack, for scanned layers) goes onto devices with
+  `place(path, leaf)` (default: the default device)."""
   import jax
   import jax.numpy as jnp
 
+  from anita_jax.convert import hf
   from anita_jax.model import quant as Q
   from anita_jax.model.config import PROJECTIONS
   spec = quant or Q.QuantSpec()
-  place = place or (lambda path, leaf: jax.device_put(leaf))
+  target = jnp.dtype(dtype)
 
-  def transform(path, array):
+  def convert(path, array):
     if spec.type != "none" and path[-1] == "kernel" and path[-2] in PROJECTIONS:
-      return place(path, Q.quantize(array, spec, name="/".join(path)))
-    return place(path, array.astype(jnp.dtype(dtype)))
+      return Q.quantize(np.ascontiguousarray(array, np.float32), spec, name="/".join(path))
+    return np.ascontiguousarray(array, target)
 
-  return transform
+  return hf.LeafTransform(convert, place or (lambda path, leaf: jax.device_put(leaf)))
 
 
 def quant_spec(quant):

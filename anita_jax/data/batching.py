@@ -33,6 +33,37 @@ def pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:
   return rows
 
 
+def pack_first_fit(lengths: Sequence[int], max_length: int, max_per_row: int | None = None) -> list[list[int]]:
+  """First-fit: each index, in order, into the first row (in opening order) with room for it, a new row
+  when none has; rows of at most max_length tokens and max_per_row indices; no index is split.
+
+  A max-tree over the rows' free room finds that row in O(log n) per index.
+  """
+  size = 1
+  while size < max(len(lengths), 1):
+    size *= 2
+  free = [max_length] * (2 * size)  # node i: the most room left in any row under it; leaves: rows 0..size-1
+  count = [0] * size
+  rows: list[list[int]] = []
+  for i, n in enumerate(lengths):
+    if n > max_length:
+      raise ValueError(f"sequence {i} has {n} tokens > max_length={max_length}")
+    node = 1
+    while node < size:
+      node = 2 * node if free[2 * node] >= n else 2 * node + 1
+    row = node - size
+    if row == len(rows):
+      rows.append([])
+    rows[row].append(i)
+    count[row] += 1
+    free[node] = -1 if max_per_row is not None and count[row] >= max_per_row else free[node] - n
+    node //= 2
+    while node:
+      free[node] = max(free[2 * node], free[2 * node + 1])
+      node //= 2
+  return rows
+
+
 def build_batch(examples: Sequence, groups: Sequence[Sequence[int]], max_length: int,
                 pad_id: int = 0) -> dict[str, np.ndarray]:
   """One row per group of example indices, the examples of a group packed left to right."""

@@ -30,6 +30,18 @@ Batch ([2B, T], rows 0..B-1 the chosen of the B pairs, rows B..2B-1 their reject
 completion right-padded to T = max_length): input_ids, loss_mask (1 on completion tokens),
 segment_ids (1 on tokens, 0 padding), positions; int32. Process p of P materialises rows
 [p*2B/P, (p+1)*2B/P) of the global batch, so the global [2B, T] layout holds across processes.
+
+Packed batch (`packing=True`; B rows of T = `packed_row_length(max_length)` = 2 x max_length tokens, so
+the longest pair the truncation above lets through, a prompt and two completions of up to max_length - P
+tokens, fits one row, and a row holds the tokens of one padded pair): each pair laid out once as
+[prompt][chosen][rejected], pairs placed first-fit into rows (never across rows; at most T // 2 per row):
+  input_ids, loss_mask  as above (1 on both completions' tokens)
+  segment_ids  the pair's 1-based index in its row, 0 = padding
+  branch_ids   0 prompt, 1 chosen, 2 rejected (the model's attention: a completion never sees the other)
+  positions    prompt 0..P-1, chosen P..P+C-1, rejected P..P+R-1 (as in its own sequence)
+  prev_index   the index in the row of the token whose output predicts token t: t - 1, except the
+               rejected completion's first token, predicted by the prompt's last token
+So every completion token gets exactly the log-prob it has in the padded layout; the prompt is computed once.
 """
 
 from __future__ import annotations
@@ -164,20 +176,104 @@ def build_batch(examples: Sequence[PreferenceExample], pairs: Sequence[int], sta
   return batch
 
 
+def packed_row_length(max_length: int) -> int:
+  """Tokens of a packed row: room for the longest pair that `encode_preference(max_length=...)` keeps."""
+  return 2 * max_length
+
+
+def max_pairs_per_row(row_length: int) -> int:
+  """The packer's bound on pairs per row: the number of per-pair slots a row of the step has."""
+  return max(1, row_length // 2)
+
+
+def pair_length(ex: PreferenceExample) -> int:
+  return len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids)
+
+
+def build_packed_batch(examples: Sequence[PreferenceExample], groups: Sequence[Sequence[int]], row_length: int,
+                       pad_id: int = 0) -> dict[str, np.ndarray]:
+  """One packed row per group of pair indices (see the module doc); an empty group is a padding row."""
+  shape = (len(groups), row_length)
+  batch = {"input_ids": np.full(shape, pad_id, np.int32), "loss_mask": np.zeros(shape, np.int32),
+           "segment_ids": np.zeros(shape, np.int32), "positions": np.zeros(shape, np.int32),
+           "branch_ids": np.zeros(shape, np.int32),
+           "prev_index": np.broadcast_to(np.maximum(np.arange(row_length, dtype=np.int32) - 1, 0), shape).copy()}
+  for r, group in enumerate(groups):
+    if len(group) > max_pairs_per_row(row_length):
+      raise ValueError(f"{len(group)} pairs in a row of {row_length} tokens")
+    o = 0
+    for segment, i in enumerate(group, 1):
+      ex = examples[i]
+      p, c, n = len(ex.prompt_ids), len(ex.chosen_ids), pair_length(ex)
+      if o + n > row_length:
+        raise ValueError(f"pairs of {o + n} tokens > the row's {row_length}")
+      batch["input_ids"][r, o:o + n] = np.concatenate([ex.prompt_ids, ex.chosen_ids, ex.rejected_ids])
+      batch["segment_ids"][r, o:o + n] = segment
+      batch["branch_ids"][r, o + p:o + p + c] = 1
+      batch["branch_ids"][r, o + p + c:o + n] = 2
+      batch["positions"][r, o:o + p + c] = np.arange(p + c)
+      batch["positions"][r, o + p + c:o + n] = np.arange(p, n - c)
+      # A completion's first token is predicted by the prompt's last one: none when the prompt is empty.
+      batch["loss_mask"][r, o + p + (p == 0):o + p + c] = 1
+      batch["loss_mask"][r, o + p + c + (p == 0):o + n] = 1
+      if p and n > p + c:
+        batch["prev_index"][r, o + p + c] = o + p - 1
+      o += n
+  return batch
+
+
+def packed_preview(examples: Sequence[PreferenceExample], row_length: int, tokenizer) -> list[dict]:
+  """The packed rows of `examples` (in order, first-fit) as JSON-ready dicts: each row's pairs (token spans
+  [start, stop) of prompt, chosen, rejected, and their texts) and its per-token arrays up to its last pair."""
+  groups = batching.pack_first_fit([pair_length(ex) for ex in examples], row_length, max_pairs_per_row(row_length))
+  batch = build_packed_batch(examples, groups, row_length)
+  out = []
+  for r, group in enumerate(groups):
+    o, pairs = 0, []
+    for segment, i in enumerate(group, 1):
+      ex = examples[i]
+      p, c, n = len(ex.prompt_ids), len(ex.chosen_ids), pair_length(ex)
+      decode = lambda x: tokenizer.decode([int(t) for t in x], skip_special_tokens=False)  # noqa: E731
+      pairs.append({"segment": segment, "where": ex.where, "prompt": [o, o + p], "chosen": [o + p, o + p + c],
+                    "rejected": [o + p + c, o + n], "prompt_text": decode(ex.prompt_ids),
+                    "chosen_text": decode(ex.chosen_ids), "rejected_text": decode(ex.rejected_ids)})
+      o += n
+    out.append({"row": r, "tokens": o, "row_length": row_length, "pairs": pairs,
+                **{k: [int(x) for x in v[r, :o]] for k, v in batch.items()}})
+  return out
+
+
 class PreferenceBatchIterator(batching.BatchIterator):
-  """`BatchIterator` over pairs: global batches of `batch_size` pairs as [2B, T] rows (see the module doc)."""
+  """`BatchIterator` over pairs: global batches of `batch_size` pairs as [2B, T] rows, or with `packing` of
+  `batch_size` packed rows of `packed_row_length(max_length)` tokens (see the module doc)."""
 
   def __init__(self, examples: Sequence[PreferenceExample], *, batch_size: int, max_length: int, seed: int = 0,
-               pad_id: int = 0, num_processes: int = 1, process_index: int = 0):
-    super().__init__(examples, batch_size=batch_size, max_length=max_length, seed=seed, packing=False,
-                     pad_id=pad_id, num_processes=num_processes, process_index=process_index)
+               pad_id: int = 0, num_processes: int = 1, process_index: int = 0, packing: bool = False):
+    self.pair_packing = packing
+    super().__init__(examples, batch_size=batch_size,
+                     max_length=packed_row_length(max_length) if packing else max_length, seed=seed,
+                     packing=packing, pad_id=pad_id, num_processes=num_processes, process_index=process_index)
 
   def _length(self, ex) -> int:
+    if self.pair_packing:
+      return pair_length(ex)
     return len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))
 
   def _rows_per_batch(self, batch_size: int) -> int:
-    return 2 * batch_size
+    return batch_size if self.pair_packing else 2 * batch_size
+
+  def groups(self, epoch: int) -> list[list[int]]:
+    if not self.pair_packing:
+      return super().groups(epoch)
+    if self._cached is None or self._cached[0] != epoch:
+      order = batching.epoch_rng(self.seed, epoch).permutation(len(self.examples))
+      rows = batching.pack_first_fit(self._lengths[order].tolist(), self.max_length,
+                                     max_pairs_per_row(self.max_length))
+      self._cached = (epoch, [[int(order[j]) for j in g] for g in rows])
+    return self._cached[1]
 
   def _build(self, groups, start, stop):
+    if self.pair_packing:
+      return build_packed_batch(self.examples, groups[start:stop], self.max_length, self.pad_id)
     return build_batch(self.examples, [g[0] if g else None for g in groups], start, stop, self.max_length,
                        self.pad_id)

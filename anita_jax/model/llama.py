@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anita_jax.errors import UserError
 from anita_jax.model import quant as Q
 from anita_jax.model import splash as SP
 from anita_jax.model.config import ATTENTION_KINDS, LoraSpec, ModelConfig
@@ -76,12 +77,16 @@ def apply_rope(x_btnh: Array, positions_bt: Array, inv_freq: np.ndarray) -> Arra
   return x_btnh * cos + rotated * sin
 
 
-def attention(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset) -> Array:
+def attention(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset, q_branch_bt=None,
+              kv_branch_bs=None) -> Array:
   """Causal, segment-aware grouped-query attention.
 
   Query t sits at index `q_offset + t` of the key sequence. A query attends to
   key s when s <= its index and both carry the same non-zero segment id, so
   packed sequences never see each other and padding (segment 0) is ignored.
+  With branch ids (packed DPO pairs `[prompt][chosen][rejected]`: 0 prompt, 1
+  chosen, 2 rejected) a query also needs the key on branch 0 or on its own
+  branch: both completions see the prompt, never each other.
   """
   b, t, n, h = q_btnh.shape
   k = k_bskh.shape[2]
@@ -91,6 +96,9 @@ def attention(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset) -> 
   q_index = q_offset + jnp.arange(t)
   causal = jnp.arange(k_bskh.shape[1])[None, :] <= q_index[:, None]  # [T, S]
   same = (q_segment_bt[:, :, None] == kv_segment_bs[:, None, :]) & (kv_segment_bs[:, None, :] != 0)
+  if q_branch_bt is not None:
+    kv_branch = kv_branch_bs[:, None, :]
+    same = same & ((kv_branch == 0) | (kv_branch == q_branch_bt[:, :, None]))
   mask = (causal[None] & same)[:, None, None]  # [B, 1, 1, T, S]
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
@@ -219,7 +227,7 @@ class _Block(nn.Module):
 class Attention(_Block):
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, q_segment_bt, kv_segment_bs, cache, cache_offset):
+  def __call__(self, x_btd, positions_bt, q_segment_bt, kv_segment_bs, branch_bt, cache, cache_offset):
     c = self.config
     n, k, h = c.num_heads, c.num_kv_heads, c.head_dim
     b, t, _ = x_btd.shape
@@ -240,7 +248,7 @@ class Attention(_Block):
     if cache is None and self.attention == "splash" and SP.usable():  # a whole sequence: T == S, q_offset 0
       o = SP.splash_attention(q, key, value, q_segment_bt)
     else:
-      o = attention(q, key, value, q_segment_bt, kv_segment_bs, offset)
+      o = attention(q, key, value, q_segment_bt, kv_segment_bs, offset, branch_bt, branch_bt)
     o = o.reshape(b, t, n * h)
     return self.linear("o_proj", c.hidden_size, ("q_heads", "embed"))(o), new_cache
 
@@ -260,13 +268,13 @@ class Mlp(_Block):
 class DecoderLayer(_Block):
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, q_segment_bt, kv_segment_bs, cache, cache_offset):
+  def __call__(self, x_btd, positions_bt, q_segment_bt, kv_segment_bs, branch_bt, cache, cache_offset):
     c = self.config
     act = ("activation_batch", "activation_length", "activation_embed")
     x_btd = nn.with_logical_constraint(x_btd, act)
     y = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(x_btd)
     y, new_cache = Attention(**self.child_kwargs(), name="self_attn")(
-        y, positions_bt, q_segment_bt, kv_segment_bs, cache, cache_offset)
+        y, positions_bt, q_segment_bt, kv_segment_bs, branch_bt, cache, cache_offset)
     x_btd = x_btd + y
     y = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(x_btd)
     x_btd = x_btd + Mlp(**self.child_kwargs(), name="mlp")(y)
@@ -291,11 +299,14 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, *, cache=None,
-               cache_offset=None, kv_segment_ids_bs=None, logits: bool = True):
+               cache_offset=None, kv_segment_ids_bs=None, branch_ids_bt=None, logits: bool = True):
     """Returns (logits [B, T, V], cache).
 
     tokens_bt: int [B, T]. positions_bt: rotary positions (default 0..T-1).
     segment_ids_bt: packing ids, 0 = padding (default all 1).
+    branch_ids_bt: int [B, T], packed DPO pairs only (`attention`): 0 prompt, 1 chosen,
+      2 rejected; a completion never attends to the other one. Needs model.attention=dot
+      and no cache.
     cache: {"k", "v"} [L, B, S, K, H] from `init_cache`, updated at `cache_offset`
       (a scalar); `kv_segment_ids_bs` [B, S] are then the segment ids of the cache slots.
     logits: False returns the final normed hidden states [B, T, D] instead of the
@@ -313,6 +324,11 @@ class Llama(nn.Module):
       kv_segment_ids_bs, cache_offset = segment_ids_bt, None
     elif kv_segment_ids_bs is None:
       raise ValueError("kv_segment_ids_bs is required with a cache")
+    if branch_ids_bt is not None and cache is not None:
+      raise ValueError("branch_ids_bt (packed preference pairs) cannot be used with a KV cache")
+    if branch_ids_bt is not None and self.attention == "splash":
+      raise UserError("model.attention=splash cannot mask packed DPO pairs (chosen and rejected sharing a "
+                      "prompt): set model.attention=dot or data.packing=false")
 
     embedding = Embed(c.vocab_size, c.hidden_size, self.param_dtype, name="embed_tokens")()
     x_btd = jnp.take(embedding, tokens_bt, axis=0).astype(self.dtype)
@@ -324,11 +340,11 @@ class Llama(nn.Module):
     if self.remat_policy != "none":
       layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(self.remat_policy),
                            prevent_cse=not self.scan_layers)
-    args = (positions_bt, segment_ids_bt, kv_segment_ids_bs)
+    args = (positions_bt, segment_ids_bt, kv_segment_ids_bs, branch_ids_bt)
     if self.scan_layers:
       layers = nn.scan(
           layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
           length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs, name="layers")
       x_btd, new_cache = layers(x_btd, *args, cache, cache_offset)
     else:

@@ -163,6 +163,33 @@ def completion_stats(logp_bt: Array, mean_logit_bt: Array,
   return logps_b, num_tokens_b, logit_sum_b / jnp.maximum(num_tokens_b, 1)
 
 
+def pair_completion_stats(logp_bt: Array, mean_logit_bt: Array, batch: dict[str, Array],
+                          pairs_per_row: int) -> dict[str, Array]:
+  """Per-pair DPO statistics of packed pairs (`data.preference`, packing), from target-indexed
+  `token_stats` [B, T] and the batch's loss_mask, segment_ids, branch_ids [B, T].
+
+  Pair slot r * pairs_per_row + s - 1 holds row r's pair s (segment id s); a slot without a pair has
+  no tokens. Returns [B * pairs_per_row, 2] arrays, column 0 the chosen and column 1 the rejected
+  completion: `logps` (summed log-probs, fp32), `tokens` (completion token counts, fp32), `logit_sums`
+  (sums over completion tokens of the mean logit, no gradient); and `present` [B * pairs_per_row] bool.
+  """
+  seg_bt, branch_bt = batch["segment_ids"], batch["branch_ids"]
+  target_bt = batch["loss_mask"] > 0
+  columns = []
+  for branch in (1, 2):
+    mask = target_bt & (branch_bt == branch)
+    columns += [jnp.where(mask, logp_bt, 0.0), mask.astype(jnp.float32),
+                jnp.where(mask, jax.lax.stop_gradient(mean_logit_bt), 0.0)]
+  columns.append((seg_bt > 0).astype(jnp.float32))
+  values_btk = jnp.stack(columns, axis=-1)
+  # Slot s - 1 of the row; padding (segment 0) goes to slot `pairs_per_row`, out of range: dropped.
+  slot_bt = jnp.where(seg_bt > 0, seg_bt - 1, pairs_per_row)
+  sums = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=pairs_per_row))(values_btk, slot_bt)
+  sums = sums.reshape(-1, values_btk.shape[-1])  # [B * pairs_per_row, 7]
+  return {"logps": sums[:, 0::3][:, :2], "tokens": sums[:, 1::3][:, :2], "logit_sums": sums[:, 2::3][:, :2],
+          "present": sums[:, 6] > 0}
+
+
 def check_dpo_options(loss_type: str, label_smoothing: float) -> None:
   """Raises UserError for a loss type or label smoothing TRL 1.16 would reject or ignore."""
   if loss_type not in DPO_LOSS_TYPES:
@@ -240,4 +267,22 @@ def dpo_metrics(policy_chosen: Array, policy_rejected: Array, ref_chosen: Array,
       "logps/rejected": jnp.mean(f32(policy_rejected)),
       "logits/chosen": token_mean(chosen_mean_logit, chosen_tokens),
       "logits/rejected": token_mean(rejected_mean_logit, rejected_tokens),
+  }
+
+
+def dpo_metric_sums(policy_chosen: Array, policy_rejected: Array, ref_chosen: Array, ref_rejected: Array, *,
+                    beta: float, present: Array) -> dict[str, Array]:
+  """Sums over the present pairs [N] of TRL's per-pair DPO metrics (`dpo_metrics` without the mean, and
+  without `logits/*`), fp32 scalars: divided by a pair count they are `dpo_metrics`' values."""
+  f32 = lambda x: jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+  chosen_rewards = beta * (f32(policy_chosen) - f32(ref_chosen))
+  rejected_rewards = beta * (f32(policy_rejected) - f32(ref_rejected))
+  total = lambda x: jnp.sum(jnp.where(present, x, 0.0))  # noqa: E731
+  return {
+      "rewards/chosen": total(chosen_rewards),
+      "rewards/rejected": total(rejected_rewards),
+      "rewards/accuracies": total((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+      "rewards/margins": total(chosen_rewards - rejected_rewards),
+      "logps/chosen": total(f32(policy_chosen)),
+      "logps/rejected": total(f32(policy_rejected)),
   }

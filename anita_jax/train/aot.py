@@ -54,9 +54,9 @@ BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
 
 def abstract_batch(c: C.StageConfig, mesh) -> tuple[dict, dict]:
-  """(batch, shardings): int32 [grad_accum, rows, max_length] leaves (and the objective's extra inputs),
+  """(batch, shardings): int32 [grad_accum, rows, tokens] leaves (and the objective's extra inputs),
   as the training loop feeds them."""
-  shape = (c.train.grad_accum, ST.micro_batch_rows(c), c.data.max_length)
+  shape = (c.train.grad_accum, *ST.micro_batch_shape(c))
   shardings = {k: S.batch_sharding(mesh, 3, leading=1) for k in BATCH_KEYS}
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s) for k, s in shardings.items()}
   for name, (rank, dtype) in STEP.objective(c.stage).extra_inputs(c).items():
@@ -233,7 +233,7 @@ def compile_report(c, topology: str, *, cross_check: bool = True) -> dict:
   if c.train.batch_size % shards:
     raise UserError(f"config field 'train.batch_size'={c.train.batch_size}: not divisible by mesh.data x mesh.fsdp "
                     f"= {shards}, the devices the batch is split over")
-  rows, length, accum = ST.micro_batch_rows(c), c.data.max_length, c.train.grad_accum
+  (rows, length), accum = ST.micro_batch_shape(c), c.train.grad_accum
   groups = C.trainable_groups(c)
   head_grad = ("lm_head" in groups and not model_config.tie_word_embeddings) or (
       "embed_tokens" in groups and model_config.tie_word_embeddings)

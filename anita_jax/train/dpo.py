@@ -5,6 +5,15 @@ ones (`data.preference`). The reference is the same weights with the adapters
 switched off (`dpo.reference=base`: computed in the step, no second copy of
 the model) or those numbers computed once before training and cached in the
 workdir (`dpo.reference=precomputed`: `reference_logps.npy`).
+
+With `data.packing` a batch is B packed rows of 2 x max_length tokens, each pair
+laid out once as [prompt][chosen][rejected] (`data.preference`): the prompt is
+computed once, for both completions, by the policy and by the reference. Per-pair
+sums go to B x (T // 2) pair slots (`losses.pair_completion_stats`); slots
+without a pair count nowhere. An optimizer step's loss and metrics are means over
+the pairs the step holds, whatever their split into micro-batches: each
+micro-batch adds its pairs' sum over the step's pair count (`step_normalizer`).
+The SFT term is then the token mean over the step's chosen completions.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import numpy as np
 
 from anita_jax import files
 from anita_jax.data import preference
+from anita_jax.errors import UserError
 from anita_jax.model import losses
 from anita_jax.model import sharding as S
 from anita_jax.train.objective import Objective, StepSpec, token_stats
@@ -26,11 +36,20 @@ REFERENCE_FILE = "reference_logps.npy"
 
 
 class Dpo(Objective):
-  rows_per_example = 2
+  rows_per_example = 2  # unpacked; with data.packing train.batch_size counts rows (of 2 x max_length tokens)
   example_name = "pairs"
 
   def check(self, c):
     losses.check_dpo_options(c.dpo.loss_type, c.dpo.label_smoothing)
+    if c.data.packing and c.model.attention == "splash":
+      raise UserError("config field 'model.attention'=splash cannot mask packed DPO pairs (the rejected "
+                      "completion sees the prompt but not the chosen one): set model.attention=dot, or "
+                      "data.packing=false")
+
+  def batch_shape(self, c):
+    if c.data.packing:
+      return c.train.batch_size, preference.packed_row_length(c.data.max_length)
+    return super().batch_shape(c)
 
   def encode(self, c, rows, tokenizer):
     return preference.encode_preferences(rows, tokenizer, max_length=c.data.max_length,
@@ -39,12 +58,17 @@ class Dpo(Objective):
   def iterator(self, examples, c, *, batch_size, seed, pad_id, num_processes, process_index):
     return preference.PreferenceBatchIterator(examples, batch_size=batch_size, max_length=c.data.max_length,
                                               seed=seed, pad_id=pad_id, num_processes=num_processes,
-                                              process_index=process_index)
+                                              process_index=process_index, packing=c.data.packing)
 
   def reference_forward(self, c) -> bool:
     return c.dpo.reference == "base"
 
+  def step_normalizer(self, batches):
+    return pair_counts(batches) if "branch_ids" in batches else None
+
   def loss(self, model, trainable, frozen, batch, rng, spec: StepSpec, normalizer):
+    if "branch_ids" in batch:
+      return packed_loss(model, trainable, frozen, batch, rng, spec, normalizer)
     logp, mean_logit = token_stats(model, trainable, frozen, batch, rng, spec)
     logps, ntok, mean_logit = losses.completion_stats(logp, mean_logit, batch["loss_mask"])
     if "ref_logps" in batch:
@@ -73,6 +97,8 @@ class Dpo(Objective):
     """Per-pair sums over the batch's real pairs (an empty pair, the padding of the last eval batch, has
     no completion tokens and counts nowhere)."""
     model = model.clone(deterministic=True)
+    if "branch_ids" in batch:
+      return packed_eval_sums(model, spec, params, frozen, batch)
     logp, mean_logit = token_stats(model, params, frozen, batch, None, spec)
     logps, ntok, _ = losses.completion_stats(logp, mean_logit, batch["loss_mask"])
     ref_stats = token_stats(model, params, frozen, batch, None, spec, adapters_enabled=False)
@@ -96,15 +122,25 @@ class Dpo(Objective):
             "eval_rewards/margins": totals["margin_sum"] / totals["weight"]}
 
   def extra_inputs(self, c):
-    return {"ref_logps": (2, jnp.float32)} if c.dpo.reference == "precomputed" else {}
+    out = {"branch_ids": (3, jnp.int32), "prev_index": (3, jnp.int32)} if c.data.packing else {}
+    if c.dpo.reference == "precomputed":  # packing: a [rows, T] table of the pair slots' values
+      out["ref_logps"] = (3 if c.data.packing else 2, jnp.float32)
+    return out
 
   def prepare(self, stage, train_iter, workdir):
     if stage.config.dpo.reference != "precomputed":
       return None
     return cached_reference(stage, train_iter, workdir)
 
+  def preview(self, c, examples, tokenizer):
+    if not c.data.packing:
+      return super().preview(c, examples, tokenizer)
+    return preference.packed_preview(examples, preference.packed_row_length(c.data.max_length), tokenizer)
+
   def next_batch(self, it, prepared):
-    rows = None if prepared is None else _reference_rows(it, prepared)
+    rows = None
+    if prepared is not None:
+      rows = (_packed_reference_rows if it.pair_packing else _reference_rows)(it, prepared)
     batch = next(it)
     if rows is not None:
       batch["ref_logps"] = rows
@@ -158,3 +194,84 @@ def _reference_rows(it, ref: np.ndarray) -> np.ndarray:
   share = 2 * b // it.num_processes
   rows = range(it.process_index * share, (it.process_index + 1) * share)
   return np.asarray([ref[pairs[r % b], 0 if r < b else 1] for r in rows], np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed pairs (data.packing)
+
+
+def pair_counts(batches) -> dict:
+  """The step's real pairs and completion tokens, fp32 scalars, from token leaves of any leading shape."""
+  seg, branch, target = batches["segment_ids"], batches["branch_ids"], batches["loss_mask"] > 0
+  return {"pairs": jnp.sum(jnp.max(seg, axis=-1), dtype=jnp.float32),
+          "chosen_tokens": jnp.sum(target & (branch == 1), dtype=jnp.float32),
+          "rejected_tokens": jnp.sum(target & (branch == 2), dtype=jnp.float32)}
+
+
+def _pair_stats(model, trainable, frozen, batch, rng, spec, **model_kwargs) -> dict:
+  stats = token_stats(model, trainable, frozen, batch, rng, spec, prev_index=batch["prev_index"], **model_kwargs)
+  return losses.pair_completion_stats(*stats, batch, preference.max_pairs_per_row(batch["input_ids"].shape[-1]))
+
+
+def _packed_terms(model, trainable, frozen, batch, rng, spec, reference_in_batch: bool):
+  """(policy pair stats, reference log-probs [N, 2], per-pair DPO losses [N]) of a packed micro-batch."""
+  pol = _pair_stats(model, trainable, frozen, batch, rng, spec)
+  if reference_in_batch:  # columns 2k, 2k + 1 of each row: its pair k's (chosen, rejected)
+    table = batch["ref_logps"]
+    ref = table[:, :2 * preference.max_pairs_per_row(table.shape[-1])].reshape(-1, 2)
+  else:
+    ref = _pair_stats(model, jax.lax.stop_gradient(trainable), frozen, batch, rng, spec, adapters_enabled=False,
+                      deterministic=True)["logps"]
+  ref = jax.lax.stop_gradient(ref)
+  logps, ntok = pol["logps"], pol["tokens"]
+  per_pair = losses.dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=spec.beta,
+                             loss_type=spec.loss_type, label_smoothing=spec.label_smoothing,
+                             chosen_tokens=ntok[:, 0], rejected_tokens=ntok[:, 1])
+  return pol, ref, jnp.where(pol["present"], per_pair, 0.0)
+
+
+def packed_loss(model, trainable, frozen, batch, rng, spec: StepSpec, normalizer):
+  """This micro-batch's share of the step's mean over its pairs (and metrics likewise)."""
+  counts = pair_counts(batch) if normalizer is None else normalizer
+  pol, ref, per_pair = _packed_terms(model, trainable, frozen, batch, rng, spec, "ref_logps" in batch)
+  logps = pol["logps"]
+  loss = jnp.sum(per_pair) / jnp.maximum(counts["pairs"], 1.0)
+  if spec.sft_weight:  # the step's chosen completions' token-mean NLL
+    sum_nll = -jnp.sum(jnp.where(pol["present"], logps[:, 0], 0.0))
+    loss = loss + spec.sft_weight * sum_nll / jnp.maximum(counts["chosen_tokens"], 1.0)
+  sums = losses.dpo_metric_sums(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=spec.beta,
+                                present=pol["present"])
+  metrics = {k: v / jnp.maximum(counts["pairs"], 1.0) for k, v in sums.items()}
+  for column, name in enumerate(("chosen", "rejected")):
+    metrics[f"logits/{name}"] = (jnp.sum(pol["logit_sums"][:, column])
+                                 / jnp.maximum(counts[f"{name}_tokens"], 1.0))
+  return loss, {"loss": loss, "tokens": jnp.sum(pol["tokens"]), **metrics}
+
+
+def packed_eval_sums(model, spec, params, frozen, batch) -> dict:
+  """`Dpo.eval_sums` of a packed batch: sums over its pairs (padding rows have none)."""
+  pol, ref, per_pair = _packed_terms(model, params, frozen, batch, None, spec, False)
+  logps, present = pol["logps"], pol["present"]
+  if spec.sft_weight:  # the batch's chosen completions' token-mean NLL, as the unpacked eval
+    sum_nll = -jnp.sum(jnp.where(present, logps[:, 0], 0.0))
+    per_pair = per_pair + spec.sft_weight * sum_nll / jnp.maximum(jnp.sum(pol["tokens"][:, 0]), 1.0)
+  margin = spec.beta * ((logps[:, 0] - ref[:, 0]) - (logps[:, 1] - ref[:, 1]))
+  count = lambda x: jnp.sum(jnp.where(present, x, 0.0))  # noqa: E731
+  return {"loss_sum": count(per_pair), "weight": count(1.0), "acc_sum": count((margin > 0).astype(jnp.float32)),
+          "margin_sum": count(margin)}
+
+
+def _packed_reference_rows(it, ref: np.ndarray) -> np.ndarray:
+  """This process's rows of the next packed batch's reference table [rows, T]: columns 2k, 2k + 1 hold the
+  reference log-probs (chosen, rejected) of the row's pair k (`_packed_terms`)."""
+  epoch, index = it.state()
+  while index >= it.steps_in_epoch(epoch):
+    epoch, index = epoch + 1, 0
+  b = it.batch_size
+  share = b // it.num_processes
+  groups = it.groups(epoch)[index * b:(index + 1) * b][it.process_index * share:(it.process_index + 1) * share]
+  table = np.zeros((share, it.max_length), np.float32)
+  for r, group in enumerate(groups):
+    for k, pair in enumerate(group):
+      table[r, 2 * k:2 * k + 2] = ref[pair]
+  return table

@@ -52,6 +52,10 @@ class Objective:
   def check(self, c: C.StageConfig) -> None:
     """Raises UserError for options this objective cannot run."""
 
+  def batch_shape(self, c: C.StageConfig) -> tuple[int, int]:
+    """(rows, tokens per row) of one micro-batch."""
+    return c.train.batch_size * self.rows_per_example, c.data.max_length
+
   def reference_forward(self, c: C.StageConfig) -> bool:
     """Whether the step also runs the model with the adapters off."""
     return False
@@ -89,6 +93,10 @@ class Objective:
 
   def next_batch(self, it, prepared) -> dict:
     return next(it)
+
+  def preview(self, c: C.StageConfig, examples, tokenizer) -> list[dict]:
+    """What the trainer consumes of `examples`, as JSON-ready records (scripts/preview_data.py)."""
+    return [ex.preview(tokenizer) for ex in examples]
 
 
 class Nll(Objective):

@@ -66,18 +66,19 @@ def make_model(c: C.StageConfig, model_config, spec: LA.LoraSpec) -> Llama:
                attention=c.model.attention)
 
 
-def micro_batch_rows(c: C.StageConfig) -> int:
-  """Rows of one micro-batch: sequences, or chosen + rejected rows of the pairs for dpo."""
-  return c.train.batch_size * objective(c.stage).rows_per_example
+def micro_batch_shape(c: C.StageConfig) -> tuple[int, int]:
+  """(rows, tokens per row) of one micro-batch, as the stage's objective lays it out."""
+  return objective(c.stage).batch_shape(c)
 
 
 def _head_chunk(c: C.StageConfig, model_config, mesh) -> int:
   """Positions per chunk of the fused head: one device's chunk of logits stays under 2^23 elements
   on CPU (about the last-level cache) and 2^26 on accelerators (large matmuls, 256 MB in fp32)."""
-  local_rows = max(1, micro_batch_rows(c) // (mesh.shape["data"] * mesh.shape["fsdp"]))
+  rows, length = micro_batch_shape(c)
+  local_rows = max(1, rows // (mesh.shape["data"] * mesh.shape["fsdp"]))
   budget = 2 ** 23 if mesh.devices.flat[0].platform == "cpu" else 2 ** 26
   chunk = max(1, budget // (local_rows * model_config.vocab_size))
-  return min(1 << (chunk.bit_length() - 1), c.data.max_length)
+  return min(1 << (chunk.bit_length() - 1), length)
 
 
 def step_spec(c: C.StageConfig, model_config, mesh) -> StepSpec:
