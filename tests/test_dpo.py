@@ -28,15 +28,19 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
-  path = tmp_path_factory.mktemp("dpo") / "pairs.jsonl"
+def write_pairs(path, rows) -> str:
+  """Conversational preference rows (prompt, chosen, rejected) as a JSONL file."""
   with open(path, "w", encoding="utf-8") as f:
-    for prompt, chosen, rejected in ROWS:
+    for prompt, chosen, rejected in rows:
       f.write(json.dumps({"prompt": [{"role": "user", "content": prompt}],
                           "chosen": [{"role": "assistant", "content": chosen}],
                           "rejected": [{"role": "assistant", "content": rejected}]}, ensure_ascii=False) + "\n")
   return str(path)
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+  return write_pairs(tmp_path_factory.mktemp("dpo") / "pairs.jsonl", ROWS)
 
 
 def dpo_config(demo_config, model_dir, data, **overrides):

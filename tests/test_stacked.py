@@ -5,7 +5,6 @@ transformers), and a three-stage workdir's folded PEFT adapter and merged export
 """
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -14,24 +13,11 @@ from anita_jax.data import preference
 from anita_jax.data import rows as D
 from anita_jax.train import loop as T
 from anita_jax.train import workdir as W
-
-PAIRS = [
-    ("Qual è la capitale della Francia?", "La capitale della Francia è Parigi.", "La capitale della Francia è Lione."),
-    ("Come si dice 'cat' in italiano?", "Si dice 'gatto'.", "It is 'cat'."),
-    ("Quanto fa 7 per 8?", "7 per 8 fa 56.", "7 per 8 fa 54, credo."),
-    ("Dove si trova il Colosseo?", "Il Colosseo si trova a Roma, nel centro storico.", "Non lo so."),
-]
-
+from test_dpo import ROWS, metrics_of, rel, write_pairs
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
-  path = tmp_path_factory.mktemp("stacked") / "pairs.jsonl"
-  with open(path, "w", encoding="utf-8") as f:
-    for prompt, chosen, rejected in PAIRS:
-      f.write(json.dumps({"prompt": [{"role": "user", "content": prompt}],
-                          "chosen": [{"role": "assistant", "content": chosen}],
-                          "rejected": [{"role": "assistant", "content": rejected}]}, ensure_ascii=False) + "\n")
-  return str(path)
+  return write_pairs(tmp_path_factory.mktemp("stacked") / "pairs.jsonl", ROWS[:4])  # one batch of 4 pairs
 
 
 def stage(demo_config, name, model_dir, quant, **overrides):
@@ -44,16 +30,6 @@ def stage(demo_config, name, model_dir, quant, **overrides):
   c.checkpoint.every, c.mesh.data = 1000, 1
   c.update_from_flattened_dict(overrides)
   return c
-
-
-def metrics_of(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def transformers_pair_logps(model_dir, pairs_file):
