@@ -8,7 +8,7 @@ ANITA one: batch_size x grad_accum sequences (pairs for DPO) per optimizer step.
 
 import ml_collections
 
-from anita_jax.train.config import stage_config
+from anita_jax.train.config import recipe_config, stage_config
 
 BASE = "meta-llama/Meta-Llama-3-8B-Instruct"
 SYSTEM_PROMPT = ("Sei un an assistente AI per la lingua Italiana di nome LLaMAntino-3 ANITA (Advanced "
@@ -49,16 +49,16 @@ def stage(name: str) -> ml_collections.ConfigDict:
     c.data.max_prompt_length = 512
     c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.rslora = 64, 16.0, 0.0, True
     c.train.epochs = 1
-    c.train.batch_size, c.train.grad_accum = 8, 12
+    c.train.batch_size, c.train.grad_accum = 8, 5
     c.train.lr, c.train.schedule, c.train.warmup_ratio = 5e-5, "linear", 0.1
     c.train.weight_decay = 0.0
     c.dpo.beta, c.dpo.loss_type, c.dpo.reference = 0.1, "sigmoid", "base"
-    # data.packing=true packs pairs, [prompt][chosen][rejected] in rows of 2 x 1024 tokens, each prompt computed
-    # once (exact: tests/test_dpo_packing.py); batch_size then counts rows, and a step averages over the pairs its
-    # rows hold. For about ANITA's 96 pairs a step, make batch_size x grad_accum ~ 96 / pairs per row
-    # (scripts/preview_data.py --num_examples=2000 prints the rows of the first 2000 pairs). Off until its
-    # v5e figures are measured: packing=false gives exactly 8 x 12 pairs a step.
-    c.data.packing = False
+    # Pairs packed, [prompt][chosen][rejected] in rows of 2 x 1024 tokens, each prompt computed once (exact:
+    # tests/test_dpo_packing.py); batch_size counts rows, and a step averages over the pairs its rows hold.
+    # For about ANITA's 96 pairs a step, batch_size x grad_accum ~ 96 / pairs per row: 8 x 5 rows at the 2.4
+    # pairs a row of README's length distribution (scripts/preview_data.py --num_examples=2000 prints the rows
+    # of your data's first 2000 pairs). data.packing=false: exactly batch_size x grad_accum pairs a step.
+    c.data.packing = True
   elif name == "lm":
     # init_from: the dpo workdir
     c.data.train = "gsarti/clean_mc4_it"
@@ -76,8 +76,4 @@ def stage(name: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  if arg:
-    if arg not in ("sft", "dpo", "lm"):
-      raise ValueError(f"configs/anita_8b.py:{arg}: expected sft, dpo or lm")
-    return stage(arg)
-  return ml_collections.ConfigDict({name: stage(name) for name in ("sft", "dpo", "lm")})
+  return recipe_config(stage, arg, "configs/anita_8b.py")

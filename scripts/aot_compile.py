@@ -1,6 +1,7 @@
 """Compile a stage's training step for a TPU topology on a CPU-only host, and report memory and speed.
 
 python scripts/aot_compile.py --config=configs/FILE.py[:ARG] --topology=v5e:2x4 [--output=FILE.json] [--fit]
+    [--frozen_rank=R]
 
 Needs libtpu (pinned in requirements.txt) but no TPU: the devices are libtpu's
 compile-only ones. JAX itself runs on the CPU (JAX_PLATFORMS=cpu, the default here).
@@ -27,6 +28,8 @@ _CROSS_CHECK = flags.DEFINE_bool("cross_check", True, "Also compile 1- and 2-lay
 _FIT = flags.DEFINE_bool("fit", False, "If the config's micro-batch does not fit, report the largest one that "
                          "does, with the same batch per optimizer step (train.batch_size x train.grad_accum); the "
                          "sizes tried are in the report's `fit_trials`.")
+_FROZEN_RANK = flags.DEFINE_integer("frozen_rank", 0, "A stacked stage (init_as=stacked): the summed LoRA rank of "
+                                   "the earlier stages' frozen adapters (configs/anita_8b.py: dpo 16, lm 80).")
 
 
 def main(argv):
@@ -34,9 +37,10 @@ def main(argv):
   from anita_jax.train import aot
   c = cli.stage_config(_CONFIG.value, "--config")
   if _FIT.value:
-    c, report, trials = aot.fit_micro_batch(c, _TOPOLOGY.value)
+    c, report, trials = aot.fit_micro_batch(c, _TOPOLOGY.value, _FROZEN_RANK.value)
   if not _FIT.value or _CROSS_CHECK.value:
-    report = aot.compile_report(c, _TOPOLOGY.value, cross_check=_CROSS_CHECK.value)
+    report = aot.compile_report(c, _TOPOLOGY.value, cross_check=_CROSS_CHECK.value,
+                                frozen_rank=_FROZEN_RANK.value)
   if _FIT.value:
     report["fit_trials"] = trials
   print(json.dumps(report, indent=2, sort_keys=True))

@@ -1,7 +1,5 @@
 """Export any model PATH (a training workdir included) to a llama.cpp GGUF file and an Ollama Modelfile."""
 
-import os
-
 from absl import flags
 
 from anita_jax.apps import cli
@@ -21,34 +19,12 @@ _MERGE_INTO = flags.DEFINE_enum("merge_into", "dequantized", ["dequantized", "or
                                 "or into the full-precision base (original).")
 
 
-def _load(path: str, merge_into: str):
-  """(config, merged params, tokenizer, scan_layers, generation config or None) of a model PATH."""
-  from anita_jax.convert import loading, modelfile
-  from anita_jax.model import lora
-  from anita_jax.train import workdir
-  path = workdir.model_path(path)
-  if workdir.is_workdir(path):
-    stage = workdir.load_trained(path)
-    params = workdir.merged_params(stage, merge_into, "float32")
-    return (stage.model_config, params, stage.tokenizer, stage.config.model.scan_layers,
-            workdir.generation_defaults(stage.config))
-  model, params, tokenizer, config = loading.load_model(path, dtype="float32", quant="none", scan_layers=False)
-  if model.lora is not None:  # a PEFT directory: its adapter merged into the base
-    params = lora.merge(params, model.lora)
-  generation = modelfile.generation_config(path) if os.path.isdir(path) else None
-  return config, params, tokenizer, False, generation
-
-
 def main(argv):
   del argv
-  from anita_jax.convert import gguf_export, modelfile
-  gguf_export.check_type(_TYPE.value)  # before reading any weights
-  config, params, tokenizer, scan_layers, generation = _load(_MODEL.value, _MERGE_INTO.value)
-  gguf_export.write_gguf(_OUTPUT.value, config, params, tokenizer, type=_TYPE.value, scan_layers=scan_layers,
-                         name=_NAME.value or "", progress=True)
-  if _MODELFILE.value:
-    modelfile.write_modelfile(os.path.join(os.path.dirname(os.path.abspath(_OUTPUT.value)), "Modelfile"),
-                              _OUTPUT.value, tokenizer, config, system=_SYSTEM.value, generation=generation)
+  from anita_jax.apps import gguf
+  gguf.export_gguf(_MODEL.value, {_TYPE.value: _OUTPUT.value}, merge_into=_MERGE_INTO.value,
+                   modelfile_for=_TYPE.value if _MODELFILE.value else None, system=_SYSTEM.value,
+                   name=_NAME.value or "", progress=True)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def small_config(demo_config, model_dir, stage):
   c.quant.type, c.quant.block_size, c.quant.double_quant = "nf4", 64, True
   c.lora.rank, c.lora.targets = 8, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
   c.data.max_length = 128
+  c.data.packing = False  # dpo: the padded [2B, T] layout, whose FLOPs the analytic count below describes
   c.train.batch_size, c.train.grad_accum = 8, 2
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   return c
@@ -83,6 +84,23 @@ def test_no_dense_weights_without_remat(demo_config, model_dir):
   assert r["frozen_check"]["stacked_dense_weights_in_program"] == 0
 
 
+def test_frozen_adapters_of_a_stacked_stage_are_in_the_compiled_step(demo_config, model_dir):
+  # A stacked stage keeps the earlier stages' adapters (rank r_f in all) frozen in the compute dtype
+  # (bfloat16 here): its program's arguments grow by exactly layers x sum over projections of
+  # r_f x (d_in + d_out) x 2 bytes.
+  from anita_jax.train import aot
+  c = small_config(demo_config, model_dir, "dpo")
+  plain = aot.compile_report(c, "v5e:1x1", cross_check=False)
+  stacked = aot.compile_report(c, "v5e:1x1", cross_check=False, frozen_rank=24)
+  h, i, heads, kv, d = (ARCH[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                          "num_key_value_heads", "head_dim"))
+  dims = [(h, heads * d), (h, kv * d), (h, kv * d), (heads * d, h), (h, i), (h, i), (i, h)]
+  expected = ARCH["num_hidden_layers"] * sum(24 * (a + b) for a, b in dims) * 2
+  assert stacked["model"]["frozen_lora_rank"] == 24 and stacked["fits"]
+  got = stacked["per_device_bytes"]["argument"] - plain["per_device_bytes"]["argument"]
+  assert got == expected, (got, expected)
+
+
 def test_script_writes_the_report_and_reports_bad_topologies(model_dir, tmp_path):
   out = tmp_path / "report.json"
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "aot_compile.py"), "--config=configs/anita_demo.py:lm",
@@ -109,7 +127,7 @@ def test_fit_finds_the_largest_micro_batch_that_fits(demo_config, model_dir, mon
   from anita_jax.errors import UserError
   asked = []
 
-  def compile_report(c, topology, cross_check):
+  def compile_report(c, topology, cross_check, frozen_rank):
     asked.append((c.train.batch_size, c.train.grad_accum, cross_check))
     fits = c.train.batch_size <= limit
     return {"fits": fits, "per_device_bytes": {"total": c.train.batch_size} if fits else None,

@@ -450,15 +450,40 @@ def test_script_exports_a_peft_adapter_merged(tiny_hf_dir, tmp_path):
 
 # llama.cpp itself (optional: llama-cpp-python builds llama.cpp from source) ----------------------
 
+@pytest.fixture(scope="module")
+def qlora_workdir(demo_config, tmp_path_factory):
+  """SmolLM2-135M-Instruct trained for 4 QLoRA SFT steps (NF4 base), with a learning rate high enough that
+  the adapter changes the greedy answers."""
+  from anita_jax.train import loop
+  c = demo_config("sft")
+  c.data.eval, c.data.max_rows, c.data.max_length = "", 16, 128
+  c.train.steps, c.train.batch_size, c.train.lr, c.train.warmup_steps = 4, 2, 3e-3, 0
+  c.train.eval_on_start = False
+  out = str(tmp_path_factory.mktemp("qlora"))
+  loop.train_and_evaluate(c, out)
+  return out
+
+
 @pytest.mark.llama_cpp
-def test_llama_cpp_greedy_continuations_equal_ours(smollm2_files, smollm2_hf_dir, tmp_path):
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_llama_cpp_greedy_continuations_equal_ours(qlora_workdir, smollm2_hf_dir, tmp_path):
+  """The f32 GGUF of a trained QLoRA workdir (NF4 base + adapter, merged) in llama.cpp continues three chat
+  prompts greedily token for token as our model of the workdir does; q8_0 and q4_0 files load and run."""
   llama_cpp = pytest.importorskip("llama_cpp")
+  from anita_jax.apps import gguf as gguf_app
   from anita_jax.infer import generate as G
-  net, params, tokenizer, config = loading.load_model(smollm2_hf_dir, scan_layers=False)
+  from anita_jax.train import workdir as W
+  f32 = str(tmp_path / "qlora-f32.gguf")
+  gguf_app.export_gguf(qlora_workdir, {"f32": f32})
+  net, params, tokenizer, config = W.load_model(qlora_workdir, scan_layers=False)
   generator = G.Generator(net, params, tokenizer, loading.stop_token_ids(tokenizer, config), 512, batch_size=1)
   prompts = [_ids(tokenizer, m) for m in CONVERSATIONS]
   ours = generator.generate_ids(prompts, G.SamplingSpec(max_new_tokens=24, temperature=0.0))
-  llm = llama_cpp.Llama(model_path=smollm2_files["f32"], n_ctx=512, verbose=False, seed=0)
+  base = loading.load_model(smollm2_hf_dir, scan_layers=False)
+  base_ids = G.Generator(*base[:3], loading.stop_token_ids(tokenizer, config), 512, batch_size=1).generate_ids(
+      prompts, G.SamplingSpec(max_new_tokens=24, temperature=0.0))
+  assert base_ids != ours  # the adapter changes the answers
+  llm = llama_cpp.Llama(model_path=f32, n_ctx=512, verbose=False, seed=0)
   for messages, prompt, expected in zip(CONVERSATIONS, prompts, ours):
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt  # llama.cpp's own tokenizer
@@ -470,7 +495,8 @@ def test_llama_cpp_greedy_continuations_equal_ours(smollm2_files, smollm2_hf_dir
       got.append(token)
     assert got == expected, (tokenizer.decode(got), tokenizer.decode(expected))
   for type in ("q8_0", "q4_0"):  # noqa: A001
-    path = _export(smollm2_hf_dir, str(tmp_path / f"s-{type}.gguf"), type)
+    path = str(tmp_path / f"qlora-{type}.gguf")
+    gguf_app.export_gguf(qlora_workdir, {type: path})
     quantized = llama_cpp.Llama(model_path=path, n_ctx=256, verbose=False)
     assert quantized.tokenize(b"Ciao", add_bos=False) == tokenizer("Ciao")["input_ids"]
     assert len(list(zip(range(4), quantized.generate(prompts[0], temp=0.0)))) == 4

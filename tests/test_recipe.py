@@ -21,7 +21,8 @@ def recipe_args(model_dir, workdir):
     args += [f"--config.{stage}.train.steps={steps}", f"--config.{stage}.checkpoint.every=1",
              f"--config.{stage}.train.log_every=1", f"--config.{stage}.data.max_rows=48",
              f"--config.{stage}.mesh.data=4"]
-  return args
+  # dpo: packed pairs (the demo's default), 4 rows so that the 4 data shards each get one
+  return args + ["--config.dpo.train.batch_size=4", "--config.report.max_new_tokens=8", "--config.report.max_rows=4"]
 
 
 def env():
@@ -42,10 +43,14 @@ def test_recipe_outputs_export_and_resume_after_kill_in_dpo(tiny_hf_dir, tmp_pat
                           timeout=1200)
   assert result.returncode == 0, result.stderr[-3000:]
   for name in ("sft/DONE.json", "dpo/DONE.json", "lm/DONE.json", "hf/config.json", "hf/adapter/adapter_config.json",
-               "report.json", "report.md", "training_curves.png"):
+               "gguf/model-f16.gguf", "gguf/Modelfile", "report.json", "report.md", "training_curves.png"):
     assert os.path.isfile(os.path.join(straight, name)), name
   report = json.load(open(os.path.join(straight, "report.json")))
   assert [row["model"] for row in report["models"]] == ["base", "sft", "dpo", "lm"]
+  assert all(len(row["answers"]) == 4 for row in report["models"])  # report.max_rows
+  md = open(os.path.join(straight, "report.md"), encoding="utf-8").read()
+  assert f"llama-cli -m {os.path.join(straight, 'gguf', 'model-f16.gguf')}" in md
+  assert f"ollama create anita -f {os.path.join(straight, 'gguf', 'Modelfile')}" in md
 
   # DIR/hf in transformers answers exactly as generate.py on the final workdir.
   prompt = "Qual è la capitale d'Italia?"

@@ -320,6 +320,17 @@ def test_a_misspelt_config_file_or_stage_is_one_error_line(tmp_path, config, mes
   assert not os.path.exists(tmp_path / "w")
 
 
+def test_a_gguf_type_the_recipe_cannot_write_is_refused_before_training(tmp_path):
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "anita.py"), f"--workdir={tmp_path / 'w'}",
+                           "--config.export.gguf=f16,q4_k_m"], env=env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      "error: config field 'export.gguf'='f16,q4_k_m': --type=q4_k_m: K-quants are made by llama.cpp"), result.stderr
+  assert "llama-quantize" in lines[0]
+  assert not os.path.exists(tmp_path / "w")
+
+
 # ----------------------------------------------------------------------------------------------
 # Safety
 

@@ -1,8 +1,9 @@
-"""The whole ANITA recipe: SFT -> DPO -> Italian LM, each stage from the merged one before, then export and report.
+"""The whole ANITA recipe: SFT -> DPO -> Italian LM, each stage from the one before (`init_as`), then the
+exports (`DIR/hf`: merged model + PEFT adapter; `DIR/gguf`: llama.cpp files + Ollama Modelfile) and the report.
 
 Each stage is an ordinary training workdir under DIR (`DIR/sft`, `DIR/dpo`, `DIR/lm`);
 a finished stage leaves `DONE.json` and is skipped when the recipe runs again, and an
-unfinished one resumes from its latest checkpoint.
+unfinished one resumes from its latest checkpoint. Finished exports are kept.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import jax
 import ml_collections
 
 from anita_jax import files
+from anita_jax.apps import gguf
 from anita_jax.apps import report
+from anita_jax.convert import gguf_export
 from anita_jax.train import loop as train
 from anita_jax.train import workdir as W
 from anita_jax.errors import UserError
@@ -51,6 +54,7 @@ def run_recipe(recipe: ml_collections.ConfigDict, workdir: str) -> None:
   if missing:
     raise UserError(f"--config: a recipe config needs the stages {', '.join(STAGES)}; '{missing[0]}' is missing "
                     "(give a recipe config without an ARG)")
+  ggufs = gguf_files(recipe, workdir)
   os.makedirs(workdir, exist_ok=True)
   previous, trained = None, False
   for name in STAGES:
@@ -67,11 +71,39 @@ def run_recipe(recipe: ml_collections.ConfigDict, workdir: str) -> None:
   if exported:
     _say(f"== export -> {hf_dir}")
     W.export_workdir(previous, hf_dir, dtype=last.model.dtype)
+  missing = {t: f for t, f in ggufs.items() if not os.path.isfile(f)}
+  if missing:
+    _say(f"== gguf -> {', '.join(missing.values())}")
+    first = next(iter(ggufs))
+    gguf.export_gguf(previous, missing, modelfile_for=first if first in missing else None, progress=True)
+    exported = True
   if not (trained or exported) and os.path.isfile(os.path.join(workdir, "report.md")):
     _say(f"== report: {os.path.join(workdir, 'report.md')} is up to date (no stage ran), skipped")
     return
   _say("== report")
-  write_recipe_report(recipe, workdir)
+  write_recipe_report(recipe, workdir, run_commands(ggufs, workdir))
+
+
+def gguf_files(recipe: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+  """type -> DIR/gguf/model-TYPE.gguf for the recipe's `export.gguf` (a comma list; f16 when the config has
+  no export group; empty: none). Checked before any stage runs."""
+  types = files.split_list(recipe.export.gguf) if "export" in recipe else ["f16"]
+  for type_ in types:
+    try:
+      gguf_export.check_type(type_)
+    except UserError as e:
+      raise UserError(f"config field 'export.gguf'={recipe.export.gguf!r}: {e}") from None
+  return {t: os.path.join(workdir, "gguf", f"model-{t}.gguf") for t in types}
+
+
+def run_commands(ggufs: dict[str, str], workdir: str) -> list[str]:
+  """How to run the exports, for the report."""
+  lines = [f"python scripts/generate.py --model={os.path.join(workdir, 'hf')} --prompt='Ciao! Chi sei?'"]
+  if ggufs:
+    first = next(iter(ggufs.values()))
+    lines += [f"llama-cli -m {first} -cnv   # llama.cpp",
+              f"ollama create anita -f {os.path.join(os.path.dirname(first), 'Modelfile')} && ollama run anita"]
+  return lines
 
 
 def _chain(c: ml_collections.ConfigDict, earlier: tuple[str, ...]) -> str:
@@ -86,12 +118,14 @@ def _chain(c: ml_collections.ConfigDict, earlier: tuple[str, ...]) -> str:
           "init_as=merged) + a new LoRA adapter")
 
 
-def write_recipe_report(recipe: ml_collections.ConfigDict, workdir: str) -> None:
+def write_recipe_report(recipe: ml_collections.ConfigDict, workdir: str, run: list[str] = ()) -> None:
   """Evaluates the original base and every stage on the held-out data; writes the report files."""
   data_dir = DEMO_DATA  # the project's held-out Italian text, preference pairs and prompts
   first = recipe[STAGES[0]]
   dpo = recipe["dpo"]
-  kwargs = dict(max_length=dpo.data.max_length, max_prompt_length=dpo.data.max_prompt_length)
+  settings = recipe.get("report") or {}
+  kwargs = dict(max_length=dpo.data.max_length, max_prompt_length=dpo.data.max_prompt_length,
+                max_new_tokens=settings.get("max_new_tokens", 64), max_rows=settings.get("max_rows") or None)
   base = report.evaluate_model(W.model_path(first.model.path), data_dir, dtype="float32", quant="none", **kwargs)
   rows = [report.report_row("base", base, base, beta=dpo.dpo.beta)]
   for i, name in enumerate(STAGES):
@@ -101,4 +135,4 @@ def write_recipe_report(recipe: ml_collections.ConfigDict, workdir: str) -> None
     rows.append(row)
   curves = {name: report.read_metrics(os.path.join(workdir, name)) for name in STAGES}
   if jax.process_index() == 0:
-    report.write_report(workdir, rows, curves, beta=dpo.dpo.beta)
+    report.write_report(workdir, rows, curves, beta=dpo.dpo.beta, run=run)

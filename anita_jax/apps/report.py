@@ -73,7 +73,8 @@ def _pad_id(tokenizer) -> int:
   return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def perplexity(model, params, tokenizer, texts_path: str, *, max_length: int = 256, batch_size: int = 8) -> float:
+def perplexity(model, params, tokenizer, texts_path: str, *, max_length: int = 256, batch_size: int = 8,
+               max_rows: int | None = None) -> float:
   """exp(total NLL / total target tokens) of the `text` rows of `texts_path` (see the module doc).
 
   Every batch has the shape [batch_size, longest text], so the model compiles once; the last
@@ -81,7 +82,7 @@ def perplexity(model, params, tokenizer, texts_path: str, *, max_length: int = 2
   """
   if batch_size < 1:
     raise UserError(f"batch_size={batch_size} must be at least 1")
-  rows = data.load_rows(texts_path, fmt="text")
+  rows = data.load_rows(texts_path, fmt="text", max_rows=max_rows)
   examples, _ = encode.encode_dataset(rows, tokenizer, max_length=max_length, fmt="text")
   length = max(len(ex.input_ids) for ex in examples)
   total_nll, total_tokens = 0.0, 0.0
@@ -95,8 +96,8 @@ def perplexity(model, params, tokenizer, texts_path: str, *, max_length: int = 2
 
 
 def sequence_logps_of_pairs(model, params, tokenizer, pairs_path: str, *, max_length: int = 256,
-                            batch_size: int = 4, max_prompt_length: int | None = None
-                            ) -> tuple[np.ndarray, np.ndarray]:
+                            batch_size: int = 4, max_prompt_length: int | None = None,
+                            max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(chosen logps [N], rejected logps [N]), float64 arrays of fp32 values, in file order.
 
   Each is the summed log-prob of the completion tokens of a held-out pair, encoded as the dpo
@@ -106,7 +107,7 @@ def sequence_logps_of_pairs(model, params, tokenizer, pairs_path: str, *, max_le
   """
   if batch_size < 1:
     raise UserError(f"batch_size={batch_size} must be at least 1")
-  rows = data.load_rows(pairs_path, fmt="preference")
+  rows = data.load_rows(pairs_path, fmt="preference", max_rows=max_rows)
   examples, stats = preference.encode_preferences(rows, tokenizer, max_length=max_length,
                                                   max_prompt_length=max_prompt_length)
   if stats.dropped:
@@ -146,9 +147,9 @@ def preference_metrics(policy: tuple[Sequence[float], Sequence[float]],
 
 
 def answers(model, params, tokenizer, config, prompts_path: str, *, max_new_tokens: int = 64,
-            batch_size: int = 8) -> list[dict]:
+            batch_size: int = 8, max_rows: int | None = None) -> list[dict]:
   """[{"prompt", "answer"}] per row of a prompts file ({"prompt", "system"?}), greedy, chat template."""
-  rows = G.read_prompts_file(prompts_path)
+  rows = G.read_prompts_file(prompts_path)[:max_rows]
   generator = G.Generator(model, params, tokenizer, loading.stop_token_ids(tokenizer, config),
                           config.max_position_embeddings, batch_size=batch_size)
   ids = generator.generate_ids([generator.encode(r["prompt"], r.get("system")) for r in rows],
@@ -159,12 +160,13 @@ def answers(model, params, tokenizer, config, prompts_path: str, *, max_new_toke
 
 def evaluate_model(path: str, data_dir: str, *, dtype: str | None = None, quant=None, max_length: int = 256,
                    max_prompt_length: int | None = None, max_new_tokens: int = 64, texts: str = TEXTS_FILE,
-                   pairs: str = PAIRS_FILE, prompts: str = PROMPTS_FILE) -> dict:
+                   pairs: str = PAIRS_FILE, prompts: str = PROMPTS_FILE, max_rows: int | None = None) -> dict:
   """{"perplexity", "chosen_logps", "rejected_logps", "answers"} of a model PATH.
 
   path: any model PATH (a training workdir runs with its own dtype and quantization unless
     `dtype` / `quant` say otherwise; anything else defaults to float32 and no quantization).
   data_dir: holds `texts` (Italian text rows), `pairs` (preference rows) and `prompts`.
+  max_rows: at most this many rows of each (None: all).
   """
   print(f"report: evaluating {path} (perplexity, preference pairs, answers)", file=sys.stderr, flush=True)
   paths = [os.path.join(data_dir, name) for name in (texts, pairs, prompts)]
@@ -172,10 +174,10 @@ def evaluate_model(path: str, data_dir: str, *, dtype: str | None = None, quant=
     if not os.path.isfile(path_):
       raise UserError(f"{path_}: no such file (the report's held-out data)")
   model, params, tokenizer, config = W.load_model(W.model_path(path), dtype=dtype, quant=quant, scan_layers=False)
-  ppl = perplexity(model, params, tokenizer, paths[0], max_length=max_length)
+  ppl = perplexity(model, params, tokenizer, paths[0], max_length=max_length, max_rows=max_rows)
   chosen, rejected = sequence_logps_of_pairs(model, params, tokenizer, paths[1], max_length=max_length,
-                                             max_prompt_length=max_prompt_length)
-  replies = answers(model, params, tokenizer, config, paths[2], max_new_tokens=max_new_tokens)
+                                             max_prompt_length=max_prompt_length, max_rows=max_rows)
+  replies = answers(model, params, tokenizer, config, paths[2], max_new_tokens=max_new_tokens, max_rows=max_rows)
   print(f"report: {path}: perplexity {ppl:.3f}, {len(chosen)} pairs, {len(replies)} answers",
         file=sys.stderr, flush=True)
   return {"perplexity": ppl, "chosen_logps": chosen, "rejected_logps": rejected, "answers": replies}
@@ -343,7 +345,8 @@ def _cell(text) -> str:
   return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(rows: Sequence[dict], summaries: dict[str, dict], beta: float = DPO_BETA) -> str:
+def render_markdown(rows: Sequence[dict], summaries: dict[str, dict], beta: float = DPO_BETA,
+                    run: Sequence[str] = ()) -> str:
   with_logp = all("logp_accuracy" in r for r in rows)
   header = TABLE_HEADER + (" log p(chosen) > log p(rejected) |" if with_logp else "")
   lines = ["# ANITA recipe report", "", header, "|---|---:|---:|---:|" + ("---:|" if with_logp else "")]
@@ -381,6 +384,8 @@ def render_markdown(rows: Sequence[dict], summaries: dict[str, dict], beta: floa
   chains = [(r["model"], r["chain"]) for r in rows if r.get("chain")]
   if chains:
     lines += ["", "## How each stage started", ""] + [f"- **{_cell(name)}**: {text}" for name, text in chains]
+  if run:
+    lines += ["", "## Run the exported model", "", "```"] + list(run) + ["```"]
   d = definitions(beta)
   lines += ["", "## How the numbers are defined", "",
             f"- **held-out Italian perplexity**: {d['perplexity']}",
@@ -393,19 +398,20 @@ def render_markdown(rows: Sequence[dict], summaries: dict[str, dict], beta: floa
 
 
 def write_report(out_dir: str, rows: Sequence[dict], curves: dict[str, list[dict]], *,
-                 beta: float = DPO_BETA) -> None:
+                 beta: float = DPO_BETA, run: Sequence[str] = ()) -> None:
   """Writes `report.json`, `report.md` and `training_curves.png` into `out_dir`, each atomically.
 
   rows: one per model, in order (base, sft, dpo, lm): {"model", "perplexity", "accuracy", "margin",
     "answers": [{"prompt", "answer"}], ...}; further keys (e.g. `logp_accuracy`) go into report.json.
   curves: stage -> its `read_metrics` rows.
   beta: the one `preference_metrics` used, for the definitions written beside the numbers.
+  run: shell commands that run the exported model (a section of report.md).
   """
   rows = _check_rows(rows)
   os.makedirs(out_dir, exist_ok=True)
   summaries = {stage: summarize_curve(r) for stage, r in curves.items()}
   report = {"models": _jsonable(rows), "curves": _jsonable(summaries), "definitions": definitions(beta)}
   files.write_json(os.path.join(out_dir, "report.json"), report, sort_keys=False, ensure_ascii=False)
-  files.write_text(os.path.join(out_dir, "report.md"), render_markdown(rows, summaries, beta))
+  files.write_text(os.path.join(out_dir, "report.md"), render_markdown(rows, summaries, beta, run))
   fig = plot_curves(curves)
   files.atomic_write(os.path.join(out_dir, "training_curves.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=110))

@@ -65,10 +65,10 @@ def abstract_batch(c: C.StageConfig, mesh) -> tuple[dict, dict]:
   return batch, shardings
 
 
-def lower_step(c: C.StageConfig, model_config: ModelConfig, mesh):
+def lower_step(c: C.StageConfig, model_config: ModelConfig, mesh, frozen_rank: int = 0):
   """(abstract stage, lowered step): `step.compile_step` lowered on abstract inputs, under the mesh and
-  the logical-axis rules as training runs it."""
-  stage = ST.abstract_stage(c, model_config, mesh)
+  the logical-axis rules as training runs it. frozen_rank: of a stacked stage's earlier adapters."""
+  stage = ST.abstract_stage(c, model_config, mesh, frozen_rank=frozen_rank)
   tx, _ = make_optimizer(c.train, total_steps=1000)
   batch, shardings = abstract_batch(c, mesh)
   step = STEP.compile_step(stage, tx, shardings)
@@ -216,8 +216,12 @@ def _oom(error: Exception) -> str | None:
   return " ".join(line.strip() for line in text.splitlines()[:2])[:500]
 
 
-def compile_report(c, topology: str, *, cross_check: bool = True) -> dict:
+def compile_report(c, topology: str, *, cross_check: bool = True, frozen_rank: int = 0) -> dict:
   """Compiles the stage's train step for `topology` and reports memory, FLOPs and an estimated speed.
+
+  frozen_rank: for a stacked stage (init_as=stacked), the summed rank of the earlier stages' adapters it
+  keeps frozen (the 8B recipe: dpo 16, lm 16 + 64 = 80); they are in the memory and the compiled step,
+  not in the analytic FLOPs.
 
   The keys are listed in INTERFACE.md (scripts/aot_compile.py); per-device
   values are for one chip, `model_flops` for the whole step on all chips.
@@ -246,7 +250,7 @@ def compile_report(c, topology: str, *, cross_check: bool = True) -> dict:
       "model": {"path": c.model.path, "architecture": source, "num_layers": model_config.num_layers,
                 "num_params": model_config.num_params, "dtype": c.model.dtype, "remat": c.model.remat,
                 "attention": c.model.attention,
-                "quant": c.quant.type, "lora_rank": c.lora.rank},
+                "quant": c.quant.type, "lora_rank": c.lora.rank, "frozen_lora_rank": frozen_rank},
       "batch": {"batch_size": c.train.batch_size, "rows_per_micro_batch": rows, "grad_accum": accum,
                 "max_length": length, "rows_per_device": rows // shards,
                 "tokens_per_step": accum * rows * length},
@@ -255,11 +259,12 @@ def compile_report(c, topology: str, *, cross_check: bool = True) -> dict:
       "model_flops": counted["model"], "flops_analytic": counted["executed"] / devices,
       "attention_share_of_model_flops": counted["attention_share"], "flop_formula": counted["formula"],
   }
-  stage, lowered = lower_step(c, model_config, mesh)
+  stage, lowered = lower_step(c, model_config, mesh, frozen_rank)
   jobs = [lowered]
   if cross_check:
     small = C.replace(c, **{"model.scan_layers": False, "train.grad_accum": 1})
-    jobs += [lower_step(small, dataclasses.replace(model_config, num_layers=n), mesh)[1] for n in (1, 2)]
+    jobs += [lower_step(small, dataclasses.replace(model_config, num_layers=n), mesh, frozen_rank)[1]
+             for n in (1, 2)]
     jobs.append(_lower_update(stage, make_optimizer(c.train, total_steps=1000)[0]))
   _progress(f"compiling the {c.stage} step for {topology} ({devices} devices, mesh {dict(mesh.shape)})"
             + (", and 1- and 2-layer unrolled steps and the update alone to count FLOPs and bytes" if cross_check
@@ -323,7 +328,7 @@ def compile_report(c, topology: str, *, cross_check: bool = True) -> dict:
   return report
 
 
-def fit_micro_batch(c, topology: str) -> tuple[C.StageConfig, dict, list[dict]]:
+def fit_micro_batch(c, topology: str, frozen_rank: int = 0) -> tuple[C.StageConfig, dict, list[dict]]:
   """(config, report, trials): the largest micro-batch, at most the config's, that fits `topology`, its
   `compile_report` without cross-check, and what each tried size needed.
 
@@ -342,7 +347,7 @@ def fit_micro_batch(c, topology: str) -> tuple[C.StageConfig, dict, list[dict]]:
     if total % size or size % shards:
       continue
     trial = C.replace(c, **{"train.batch_size": size, "train.grad_accum": total // size})
-    report = compile_report(trial, topology, cross_check=False)
+    report = compile_report(trial, topology, cross_check=False, frozen_rank=frozen_rank)
     trials.append({"batch_size": size, "grad_accum": total // size, "fits": report["fits"],
                    "total_bytes": (report["per_device_bytes"] or {}).get("total"),
                    "compile_error": report.get("compile_error")})

@@ -168,6 +168,21 @@ def stage_config(stage: str = "sft") -> ml_collections.ConfigDict:
   return _to_config_dict(StageConfig(stage=stage))
 
 
+def recipe_config(stage, arg: str | None, source: str) -> ml_collections.ConfigDict:
+  """A recipe config file's `get_config(arg)`: `stage(name)` for ARG sft, dpo or lm; without ARG the whole
+  recipe (scripts/anita.py): one stage config per stage, `export.gguf` (a comma list of GGUF types written to
+  DIR/gguf; "" for none) and `report` (greedy answers of at most max_new_tokens; max_rows > 0 cuts each
+  held-out file to its first rows)."""
+  if arg:
+    if arg not in STAGES:
+      raise ValueError(f"{source}:{arg}: expected sft, dpo or lm")
+    return stage(arg)
+  recipe = ml_collections.ConfigDict({name: stage(name) for name in STAGES})
+  recipe.export = ml_collections.ConfigDict({"gguf": "f16"})
+  recipe.report = ml_collections.ConfigDict({"max_new_tokens": 64, "max_rows": 0})
+  return recipe
+
+
 def _build(cls, values: dict, prefix: str = ""):
   known = {f.name: f for f in dataclasses.fields(cls)}
   for key in values:

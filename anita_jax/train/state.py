@@ -139,7 +139,8 @@ def _load(c: C.StageConfig, base_path: str, mesh, with_optimizer: bool, frozen_a
   transform = loading.leaf_transform(quant_spec(c), c.model.dtype,
                                      place=lambda path, x: jax.tree.map(S.place, x, flat_sh[path]))
   _, base = loading.load_weights(base_path, scan_layers=c.model.scan_layers, transform=transform)
-  base = LA.combine(base, LA.unflatten({p: S.place(np.asarray(v, np.float32), flat_sh[p])
+  abstract = LA.flatten(stage.frozen)  # the frozen adapters' dtype: the compute dtype (see model.Linear)
+  base = LA.combine(base, LA.unflatten({p: S.place(np.asarray(v, np.float32).astype(abstract[p].dtype), flat_sh[p])
                                         for p, v in LA.flatten(stacked).items()}))
   moved, frozen = LA.partition(base, LA.trainable_mask(base, C.trainable_groups(c)))
   moved = jax.tree.map(lambda x: x.astype(jnp.float32), moved)

@@ -1,0 +1,41 @@
+"""Any model PATH (a training workdir and its stacked adapters included) to llama.cpp GGUF files and an
+Ollama Modelfile: `scripts/export_gguf.py` and the recipe's `DIR/gguf/`."""
+
+from __future__ import annotations
+
+import os
+
+from anita_jax.convert import gguf_export, loading, modelfile
+from anita_jax.model import lora
+from anita_jax.train import workdir as W
+
+
+def merged(path: str, merge_into: str = "dequantized"):
+  """(config, merged float32 params on the host, tokenizer, scan_layers, generation defaults or None)."""
+  path = W.model_path(path)
+  if W.is_workdir(path):
+    stage = W.load_trained(path)
+    params = W.merged_params(stage, merge_into, "float32")
+    return (stage.model_config, params, stage.tokenizer, stage.config.model.scan_layers,
+            W.generation_defaults(stage.config))
+  model, params, tokenizer, config = loading.load_model(path, dtype="float32", quant="none", scan_layers=False)
+  if model.lora is not None:  # a PEFT directory: its adapter merged into the base
+    params = lora.merge(params, model.lora)
+  generation = modelfile.generation_config(path) if os.path.isdir(path) else None
+  return config, params, tokenizer, False, generation
+
+
+def export_gguf(path: str, outputs: dict[str, str], *, merge_into: str = "dequantized", modelfile_for: str | None = None,
+                system: str | None = None, name: str = "", progress: bool = False) -> None:
+  """Writes each `outputs` file (type -> .gguf path) of the model PATH, merged once; and, when
+  `modelfile_for` names one of them, an Ollama `Modelfile` beside it."""
+  for type_ in outputs:  # before reading any weights
+    gguf_export.check_type(type_)
+  config, params, tokenizer, scan_layers, generation = merged(path, merge_into)
+  for type_, out in outputs.items():
+    gguf_export.write_gguf(out, config, params, tokenizer, type=type_, scan_layers=scan_layers,
+                           name=name, progress=progress)
+  if modelfile_for is not None:
+    out = outputs[modelfile_for]
+    modelfile.write_modelfile(os.path.join(os.path.dirname(os.path.abspath(out)), "Modelfile"), out, tokenizer,
+                              config, system=system, generation=generation)
