@@ -458,7 +458,7 @@ def qlora_workdir(demo_config, tmp_path_factory):
   c = demo_config("sft")
   c.data.eval, c.data.max_rows, c.data.max_length = "", 16, 128
   c.train.steps, c.train.batch_size, c.train.lr, c.train.warmup_steps = 4, 2, 3e-3, 0
-  c.train.eval_on_start = False
+  c.train.eval_on_start, c.mesh.data = False, 1
   out = str(tmp_path_factory.mktemp("qlora"))
   loop.train_and_evaluate(c, out)
   return out
