@@ -1,10 +1,13 @@
 """LLaMAntino-3-ANITA on Meta-Llama-3-8B-Instruct: the published recipe, for Cloud TPU.
 
-configs/anita_8b.py:sft | :dpo | :lm gives one stage; no ARG gives the whole recipe.
+configs/anita_8b.py:sft | :dpo | :lm gives one stage; no ARG gives the whole recipe; :dryrun the whole recipe
+cut to two steps of one row per stage on the project's small files in ANITA's formats (see `dryrun`).
 Hyperparameters and datasets as released by the ANITA authors (QLoRA: NF4 with double
 quantization, bf16 compute, LoRA on all seven projections). The global batch is the
 ANITA one: batch_size x grad_accum sequences (pairs for DPO) per optimizer step.
 """
+
+import os
 
 import ml_collections
 
@@ -75,5 +78,34 @@ def stage(name: str) -> ml_collections.ConfigDict:
   return c
 
 
+def _dryrun_data(name: str) -> str:
+  import anita_jax  # the installed package's copy, so the config works from any directory
+  return os.path.join(os.path.dirname(anita_jax.__file__), "demo_data", "dryrun", name)
+
+
+def dryrun() -> ml_collections.ConfigDict:
+  """The whole recipe as above (model, quantization, LoRA ranks, losses, stage chaining, exports) with every
+  stage cut to 2 optimizer steps of one row of 256 tokens (DPO: a packed row of 2 x 128 holding one or two
+  pairs), grad_accum 1, on the project's small files in ANITA's formats: alpaca rows (SFT), conversational
+  chosen/rejected pairs as in mlabonne/orpo-dpo-mix-40k (DPO), plain text (LM). The report: 2 held-out rows of
+  each kind, 8-token answers. What to run on a new host (or this CPU) before the real run: it loads, trains,
+  chains, merges, exports and evaluates the 8B model once, on any accelerator or none."""
+  recipe = recipe_config(stage, None, "configs/anita_8b.py")
+  files = {"sft": ("sft_alpaca.jsonl", "alpaca"), "dpo": ("dpo_orpo.jsonl", "auto"), "lm": ("it_text.jsonl", "text")}
+  for name, (file, fmt) in files.items():
+    c = recipe[name]
+    c.data.train, c.data.format, c.data.config_name, c.data.split = _dryrun_data(file), fmt, None, "train"
+    c.data.max_length = 256 if name != "dpo" else 128
+    c.data.max_prompt_length = None if name != "dpo" else 64
+    c.model.attention = "dot"  # the splash kernel is TPU-only (on CPU it runs interpreted)
+    c.train.steps, c.train.batch_size, c.train.grad_accum = 2, 1, 1
+    c.train.warmup_steps, c.train.warmup_ratio = 0, 0.0
+    c.train.log_every, c.checkpoint.every = 1, 2
+  recipe.report.max_rows, recipe.report.max_new_tokens = 2, 8
+  return recipe
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg == "dryrun":
+    return dryrun()
   return recipe_config(stage, arg, "configs/anita_8b.py")

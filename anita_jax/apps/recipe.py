@@ -8,6 +8,7 @@ unfinished one resumes from its latest checkpoint. Finished exports are kept.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ from anita_jax import files
 from anita_jax.apps import gguf
 from anita_jax.apps import report
 from anita_jax.convert import gguf_export
+from anita_jax.model import quant as Q
 from anita_jax.train import loop as train
 from anita_jax.train import workdir as W
 from anita_jax.errors import UserError
@@ -30,6 +32,15 @@ DEMO_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 def _say(message: str) -> None:
   if jax.process_index() == 0:
     print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _phase(title: str):
+  """Announces a phase of the recipe and its wall time when it ends."""
+  _say(f"== {title}")
+  started = time.time()
+  yield
+  _say(f"== {title.split(' ->')[0]}: {time.time() - started:.1f} s")
 
 
 def _done_path(stage_dir: str) -> str:
@@ -62,26 +73,26 @@ def run_recipe(recipe: ml_collections.ConfigDict, workdir: str) -> None:
     if previous is not None:
       c.init_from = previous
     stage_dir = os.path.join(workdir, name)
-    _say(f"== stage {name} -> {stage_dir}")
-    trained = run_stage(c, stage_dir) or trained
+    with _phase(f"stage {name} -> {stage_dir}"):
+      trained = run_stage(c, stage_dir) or trained
     previous = stage_dir
   last = recipe[STAGES[-1]]
   hf_dir = os.path.join(workdir, "hf")
   exported = not os.path.isfile(os.path.join(hf_dir, "config.json"))
   if exported:
-    _say(f"== export -> {hf_dir}")
-    W.export_workdir(previous, hf_dir, dtype=last.model.dtype)
+    with _phase(f"export -> {hf_dir}"):
+      W.export_workdir(previous, hf_dir, dtype=last.model.dtype)
   missing = {t: f for t, f in ggufs.items() if not os.path.isfile(f)}
   if missing:
-    _say(f"== gguf -> {', '.join(missing.values())}")
     first = next(iter(ggufs))
-    gguf.export_gguf(previous, missing, modelfile_for=first if first in missing else None, progress=True)
+    with _phase(f"gguf -> {', '.join(missing.values())}"):
+      gguf.export_gguf(previous, missing, modelfile_for=first if first in missing else None, progress=True)
     exported = True
   if not (trained or exported) and os.path.isfile(os.path.join(workdir, "report.md")):
     _say(f"== report: {os.path.join(workdir, 'report.md')} is up to date (no stage ran), skipped")
     return
-  _say("== report")
-  write_recipe_report(recipe, workdir, run_commands(ggufs, workdir))
+  with _phase("report"):
+    write_recipe_report(recipe, workdir, run_commands(ggufs, workdir))
 
 
 def gguf_files(recipe: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
@@ -119,14 +130,19 @@ def _chain(c: ml_collections.ConfigDict, earlier: tuple[str, ...]) -> str:
 
 
 def write_recipe_report(recipe: ml_collections.ConfigDict, workdir: str, run: list[str] = ()) -> None:
-  """Evaluates the original base and every stage on the held-out data; writes the report files."""
+  """Evaluates the base (in the first stage's quantization and dtype) and every stage on the held-out data;
+  writes the report files."""
   data_dir = DEMO_DATA  # the project's held-out Italian text, preference pairs and prompts
   first = recipe[STAGES[0]]
   dpo = recipe["dpo"]
   settings = recipe.get("report") or {}
   kwargs = dict(max_length=dpo.data.max_length, max_prompt_length=dpo.data.max_prompt_length,
                 max_new_tokens=settings.get("max_new_tokens", 64), max_rows=settings.get("max_rows") or None)
-  base = report.evaluate_model(W.model_path(first.model.path), data_dir, dtype="float32", quant="none", **kwargs)
+  # The base as the stages see it: the first stage's quantization and compute dtype (an 8B base in full
+  # precision would need 32 GB, more than a v5e chip or a 24 GiB host holds).
+  quant = Q.QuantSpec(first.quant.type, first.quant.block_size, first.quant.double_quant)
+  base = report.evaluate_model(W.model_path(first.model.path), data_dir, dtype=first.model.dtype, quant=quant,
+                               **kwargs)
   rows = [report.report_row("base", base, base, beta=dpo.dpo.beta)]
   for i, name in enumerate(STAGES):
     result = report.evaluate_model(os.path.join(workdir, name), data_dir, **kwargs)

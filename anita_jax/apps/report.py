@@ -1,6 +1,7 @@
 """The recipe's report: each model's held-out numbers and answers, and the stages' training curves.
 
-scripts/anita.py evaluates the original base model and each stage's workdir with `evaluate_model`,
+scripts/anita.py evaluates the base model (as the stages see it: the first stage's quantization and
+compute dtype) and each stage's workdir with `evaluate_model`,
 turns each result into a row with `report_row` (the base result is the reference of every row) and
 writes `report.json`, `report.md` and `training_curves.png` with `write_report`.
 
@@ -12,7 +13,8 @@ Definitions (report.md repeats them):
 - preference accuracy: the fraction of held-out pairs with
   log p(chosen) - log p_base(chosen) > log p(rejected) - log p_base(rejected), strict (a tie does not
   count); log p is the summed log-prob of the completion tokens (as DPO scores them) and p_base the
-  ORIGINAL base model, before SFT, loaded as given (full precision, no quantization).
+  base model before SFT, in the first stage's quantization and dtype (the frozen weights every stage
+  trains on; NF4 in both recipes).
 - margin: the mean over pairs of beta * [(log p(c) - log p_base(c)) - (log p(r) - log p_base(r))]
   with beta = 0.1: DPO's implicit reward margin, in the units of the dpo stage's `rewards/margins`
   curve (TRL's definition), so the two can be compared.
@@ -184,7 +186,7 @@ def evaluate_model(path: str, data_dir: str, *, dtype: str | None = None, quant=
 
 
 def report_row(name: str, result: dict, base_result: dict, *, beta: float = DPO_BETA) -> dict:
-  """One row of `write_report` from `evaluate_model` results of a model and of the original base."""
+  """One row of `write_report` from `evaluate_model` results of a model and of the base."""
   logps = (result["chosen_logps"], result["rejected_logps"])
   metrics = preference_metrics(logps, (base_result["chosen_logps"], base_result["rejected_logps"]), beta=beta)
   return {"model": name, "perplexity": float(result["perplexity"]), **metrics,
@@ -327,7 +329,8 @@ def definitions(beta: float = DPO_BETA) -> dict[str, str]:
                     "end-of-text, the first token not a target).",
       "accuracy": "fraction of held-out preference pairs with log p(chosen) - log p_base(chosen) > "
                   "log p(rejected) - log p_base(rejected) (strict: ties do not count); log p = summed "
-                  "log-prob of the completion tokens, p_base = the original base model (before SFT).",
+                  "log-prob of the completion tokens, p_base = the base model before SFT, in the first stage's "
+                  "quantization and dtype.",
       "margin": f"mean over the pairs of beta * [(log p(chosen) - log p_base(chosen)) - (log p(rejected) - "
                 f"log p_base(rejected))] with beta = {beta:g}: DPO's implicit reward margin, in the units of "
                 "the dpo stage's rewards/margins.",

@@ -9,10 +9,12 @@ merge and convert them. PEFT stores `lora_A.weight` [R, in] and
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from anita_jax.model import quant as Q
@@ -153,6 +155,71 @@ def merge(params: dict, spec: LoraSpec, dtype=jnp.float32) -> dict:
           value = value + scale * jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
                                              precision=jax.lax.Precision.HIGHEST)
     out[path] = jnp.asarray(value).astype(dtype)
+  return traverse_util.unflatten_dict(out)
+
+
+@functools.partial(jax.jit, static_argnames=("scales", "dtype"))
+def _merge_one(kernel, adapters, index, scales, dtype):
+  """merge()'s formula for one matrix: layer `index` of stacked leaves (index None: the leaves as they are)."""
+  if index is not None:
+    kernel, adapters = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False),
+                                    (kernel, adapters))
+  value = Q.dequantize(kernel)
+  for (a, b), scale in zip(adapters, scales):
+    value = value + scale * jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
+                                       precision=jax.lax.Precision.HIGHEST)
+  return value.astype(dtype)
+
+
+class MergedKernel:
+  """A kernel of `merge`'s result computed only when read, one matrix at a time on the kernel's device.
+
+  `merged[i]` is layer i of a stacked kernel [L, I, O]; `np.asarray(merged)` the whole kernel. The
+  exporters read one layer's matrix at a time, so a merged model is never materialised: host memory
+  stays at one matrix beyond the (quantized) parameters.
+  """
+
+  def __init__(self, kernel, adapters: tuple, scales: tuple[float, ...], dtype, stacked: bool):
+    self.kernel, self.adapters, self.scales, self.dtype, self.stacked = kernel, adapters, scales, dtype, stacked
+    if isinstance(kernel, Q.NF4Weight):
+      self.shape = tuple(np.shape(kernel.codes)[:-2]) + tuple(kernel.shape)
+    elif isinstance(kernel, Q.Int4Weight):
+      self.shape = tuple(np.shape(kernel.values)[:-2]) + tuple(kernel.shape)
+    else:
+      self.shape = tuple(np.shape(kernel))
+
+  def __getitem__(self, index: int):
+    if not self.stacked:
+      raise TypeError("an unstacked merged kernel is read whole: np.asarray(kernel)")
+    return np.asarray(jax.device_get(_merge_one(self.kernel, self.adapters, index, self.scales,
+                                                jnp.dtype(self.dtype))))
+
+  def __array__(self, dtype=None, copy=None):
+    if self.stacked:
+      out = np.stack([self[i] for i in range(self.shape[0])])
+    else:
+      out = np.asarray(jax.device_get(_merge_one(self.kernel, self.adapters, None, self.scales,
+                                                 jnp.dtype(self.dtype))))
+    return out if dtype is None else out.astype(dtype)
+
+
+def merge_lazily(params: dict, spec: LoraSpec, dtype=jnp.float32) -> dict:
+  """`merge(params, spec, dtype)` with every adapted or quantized kernel a `MergedKernel`, computed when
+  an exporter reads it; the other leaves as they are. Kernels under `layers` are stacked."""
+  flat = traverse_util.flatten_dict(params, is_leaf=_is_weight)
+  out = {}
+  for path, value in flat.items():
+    if path[-1] in LORA_LEAVES + FROZEN_LEAVES:
+      continue
+    if path[-1] == "kernel":
+      adapters, scales = [], []
+      for (a_name, b_name), scale in ((FROZEN_LEAVES, 1.0), (LORA_LEAVES, spec.scale)):
+        if path[:-1] + (a_name,) in flat:
+          adapters.append((flat[path[:-1] + (a_name,)], flat[path[:-1] + (b_name,)]))
+          scales.append(float(scale))
+      if adapters or isinstance(value, (Q.NF4Weight, Q.Int4Weight)):
+        value = MergedKernel(value, tuple(adapters), tuple(scales), jnp.dtype(dtype), stacked=path[0] == "layers")
+    out[path] = value
   return traverse_util.unflatten_dict(out)
 
 

@@ -97,7 +97,8 @@ def load_trained(workdir: str, mesh=None, config: C.StageConfig | None = None) -
 
 
 def merged_params(stage: ST.Stage, merge_into: str = "dequantized", dtype: str = "float32") -> dict:
-  """A trained stage's base plus its adapter as plain arrays on the host (see `lora.merge`)."""
+  """A trained stage's base plus its adapters, merged as the exporters read it: each adapted kernel a
+  `lora.MergedKernel`, computed one layer's matrix at a time (never the whole merged model in memory)."""
   params = lora.combine(stage.state["params"], stage.frozen)
   if merge_into == "original":
     # The previous base in full precision plus this stage's delta, as the ANITA scripts merged.
@@ -105,7 +106,7 @@ def merged_params(stage: ST.Stage, merge_into: str = "dequantized", dtype: str =
                                        transform=loading.leaf_transform(None, "float32"))
     adapters = {p: v for p, v in lora.flatten(params).items() if p[-1] in lora.LORA_LEAVES + lora.FROZEN_LEAVES}
     params = lora.combine(original, lora.unflatten(adapters))
-  return jax.device_get(lora.merge(params, stage.spec, jnp.dtype(dtype)))
+  return lora.merge_lazily(params, stage.spec, jnp.dtype(dtype))
 
 
 def _barrier(name: str) -> None:
