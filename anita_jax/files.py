@@ -6,6 +6,8 @@ and imports only the standard library and `errors`.
 - `atomic_write(path, write)`: `write` fills a sibling temporary file, which is fsynced, renamed
   over `path` and its directory fsynced. A crash at any point leaves either the old file or the
   new one, never a mix; after a power loss the new one is there once `atomic_write` has returned.
+  The file gets the mode `open(path, "w")` gives (0644 under umask 022), whatever mode the writer
+  gave its temporary file (safetensors writes 0600 ones).
   `write_text` and `write_json` are the common cases.
 - `fsync_file` / `fsync_tree`: the flushes `atomic_write` does, for directories written whole
   (`convert.export.atomic_dir`).
@@ -54,16 +56,37 @@ def temporary_path(path: str) -> str:
   return f"{root}.tmp-{os.getpid()}{ext}"
 
 
+def umask() -> int:
+  """The process's umask, read without changing it where Linux shows it (os.umask can only read it by
+  setting it, for all threads)."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def default_mode() -> int:
+  """The permission bits of a new file made by open(path, "w"): 0o666 less the umask."""
+  return 0o666 & ~umask()
+
+
 def atomic_write(path: str, write: Callable[[str], Any]) -> None:
   """Replaces `path` with what `write(tmp)` puts into the temporary file `tmp`, atomically.
 
   `tmp` is fsynced, renamed over `path` (os.replace) and the directory fsynced. On any exception
   (KeyboardInterrupt included) `tmp` is removed and an existing `path` is left as it was. The
-  directory must exist.
+  directory must exist. The file's mode is `default_mode()`.
   """
   tmp = temporary_path(path)
   try:
     write(tmp)
+    os.chmod(tmp, default_mode())
     fsync_file(tmp)
     os.replace(tmp, path)
   except BaseException:

@@ -108,4 +108,4 @@ def dryrun() -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "dryrun":
     return dryrun()
-  return recipe_config(stage, arg, "configs/anita_8b.py")
+  return recipe_config(stage, arg, "configs/anita_8b.py", recipes=("dryrun",))

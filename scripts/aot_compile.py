@@ -7,10 +7,18 @@ Needs libtpu (pinned in requirements.txt) but no TPU: the devices are libtpu's
 compile-only ones. JAX itself runs on the CPU (JAX_PLATFORMS=cpu, the default here).
 """
 
+import glob
 import json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before JAX is imported: this host's devices stay out of it
+if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/*"):
+  # No TPU here, so no metadata server to describe one: libtpu then prints a "could not determine TPU
+  # accelerator type" warning and an INVALID_ARGUMENT error for its placeholder worker hostname. Describe
+  # this host as what it is for compile-only use, one host of its own (the compiled programs are the
+  # same); log levels stay as they are, so libtpu's real errors still show.
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
 
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -238,3 +238,47 @@ def test_script_unknown_task_is_one_error_line(task_dir, tmp_path):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error:") and "no_such_task_it" in lines[0], result.stderr
   assert not (tmp_path / "x.json").exists()
+
+
+def test_script_task_whose_hub_dataset_cannot_be_fetched_is_one_error_line(tmp_path):
+  # lm-eval's own arc_it reads alexandrainst/m_arc (config it) from the hub; offline, datasets refuses at once.
+  import lm_eval
+  yaml = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "okapi", "arc_multilingual", "arc_it.yaml")
+  with open(yaml, encoding="utf-8") as f:
+    assert "dataset_path: alexandrainst/m_arc\ndataset_name: it\n" in f.read()
+  # --model=/nonexistent: the datasets are fetched before any model is loaded
+  result = run_script("--model=/nonexistent", "--tasks=arc_it", f"--output={tmp_path / 'x.json'}")
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr[-3000:]
+  assert lines[0].startswith("error: --tasks: task 'arc_it' needs the dataset 'alexandrainst/m_arc' (config 'it') "
+                             "from the Hugging Face Hub, which could not be fetched ("), lines[0]
+  assert lines[0].endswith("in a directory passed with --include_path"), lines[0]
+  assert not (tmp_path / "x.json").exists()
+
+
+def test_datasets_that_cannot_be_loaded_name_the_task_and_the_dataset(task_dir, tmp_path):
+  """In-process, over local task YAMLs only: a hub dataset while offline (tests/conftest.py sets HF_HUB_OFFLINE),
+  a local data file that is not there, and a glob that matches both: each one UserError, before any model."""
+  from anita_jax.errors import UserError
+  directory = tmp_path / "tasks"
+  directory.mkdir()
+  body = "test_split: test\noutput_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n"
+  (directory / "hub.yaml").write_text(f"task: broken_hub\ndataset_path: someone/some_set\n{body}")
+  missing = tmp_path / "missing.jsonl"
+  (directory / "gone.yaml").write_text(
+      f"task: broken_file\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {missing}\n{body}")
+  manager = E.task_manager(str(directory), include_defaults=False)
+  with pytest.raises(UserError) as e:
+    E.load_tasks(["broken_hub"], manager)
+  assert str(e.value).startswith("--tasks: task 'broken_hub' needs the dataset 'someone/some_set' from the Hugging "
+                                 "Face Hub, which could not be fetched (")
+  assert "--include_path" in str(e.value)
+  with pytest.raises(UserError, match=rf"^--tasks: task 'broken_file': cannot load its dataset 'json' \(.*"
+                                      rf"{missing}.*\)$"):
+    E.load_tasks(["broken_file"], manager)
+  with pytest.raises(UserError, match="^--tasks: task 'broken_"):
+    E.load_tasks(["broken_*"], manager)
+  # the good local tasks load, each to lm-eval's own Task of that name
+  good = E.load_tasks(["test_mc_*"], E.task_manager(task_dir, include_defaults=False))
+  assert [t.task_name for t in good] == ["test_mc_it"] and len(good[0].dataset["test"]) == len(MC_DOCS)

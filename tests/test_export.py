@@ -323,12 +323,59 @@ def test_atomic_dir_refuses_a_file_and_cleans_up_on_error(tmp_path):
 def test_model_card_front_matter_reads_back_as_strings_and_the_body_stays_verbatim():
   # YAML 1.1 reads a bare no / on as booleans; a hyperparameter holding jinja syntax must not be rendered.
   stages = [{"name": "sft", "data": ["org/set", "local/rows.jsonl"], "template": "{{ x }} {% if y %}"}]
-  card = export.model_card("no", stages, "on")
+  card = export.model_card("yes/no", stages, "on")
   meta = huggingface_hub.ModelCard(card).data
-  assert (meta.base_model, meta.license, meta.datasets) == ("no", "on", ["org/set"])
+  assert (meta.base_model, meta.license, meta.datasets) == ("yes/no", "on", ["org/set"])
   assert meta.tags == ["llama", "llama-3", "qlora", "lora", "merged", "sft"]
   assert "| template | {{ x }} {% if y %} |" in card and "Data: `org/set`, `local/rows.jsonl`" in card
   assert card.endswith("under its license: `on`.\n")
+
+
+@pytest.mark.parametrize("kind", ["hub id", "local directory", "local gguf", "local hub-shaped directory"])
+def test_card_and_adapter_config_name_a_hub_base_and_never_a_local_path(kind, tmp_path, monkeypatch):
+  hub = "meta-llama/Meta-Llama-3-8B-Instruct"
+  monkeypatch.chdir(tmp_path)
+  base = {"hub id": hub, "local directory": str(tmp_path / "models" / "Meta-Llama-3-8B-Instruct"),
+          "local gguf": str(tmp_path / "smollm2-135m-instruct.gguf"), "local hub-shaped directory": hub}[kind]
+  if kind != "hub id":  # a local copy: named by its file name in the text, absent from the metadata
+    os.makedirs(base if not base.endswith(".gguf") else tmp_path, exist_ok=True)
+    if base.endswith(".gguf"):
+      open(base, "wb").close()
+  card = export.model_card(base, STAGES, "llama3")
+  meta = huggingface_hub.ModelCard(card).data
+  front = card.split("---")[1]
+  assert str(tmp_path) not in card
+  if kind == "hub id":
+    assert meta.base_model == hub and f"base_model: {hub}\n" in front
+    assert f"Base model: `{hub}`. Training stages" in card
+  else:
+    assert meta.base_model is None and "base_model" not in front
+    assert f"Base model: `{os.path.basename(base)}` (local). Training stages" in card
+
+  reference = reference_model(TINY, seed=4)
+  out = str(tmp_path / "adapter")
+  export.write_adapter(out, random_adapters(TINY, SPEC, seed=4), TINY, SPEC, base_model=base)
+  config = peft.PeftConfig.from_pretrained(out)  # PEFT's own reading of adapter_config.json
+  assert config.base_model_name_or_path == (hub if kind == "hub id" else None)
+  assert str(tmp_path) not in open(os.path.join(out, "adapter_config.json")).read()
+  peft.PeftModel.from_pretrained(reference, out)  # loads onto the base given, whatever the file names
+
+
+def test_export_files_get_the_mode_open_gives(tmp_path):
+  # safetensors writes 0600 files; an export must be readable as any other file the user writes
+  with open(tmp_path / "plain.txt", "w") as f:  # the reference: open() under this process's umask
+    f.write("x")
+  expected = os.stat(tmp_path / "plain.txt").st_mode & 0o777
+  params = our_params(reference_model(TINY, seed=6), TINY)
+  out = str(tmp_path / "out")
+  with export.atomic_dir(out) as tmp:
+    export.write_hf_model(tmp, TINY, params, None, dtype="float32", model_card="card", atomic=False,
+                          max_shard_bytes=40_000)
+    export.write_adapter(os.path.join(tmp, "adapter"), random_adapters(TINY, SPEC, seed=6), TINY, SPEC,
+                         base_model="tiny", atomic=False)
+  written = [os.path.join(d, n) for d, _, names in os.walk(out) for n in names]
+  assert sum(n.endswith(".safetensors") for n in written) > 2  # shards and the adapter
+  assert {n: oct(os.stat(n).st_mode & 0o777) for n in written} == {n: oct(expected) for n in written}
 
 
 # Refusals ------------------------------------------------------------------------------------------

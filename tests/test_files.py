@@ -74,6 +74,32 @@ def test_the_temporary_keeps_the_extension_for_writers_that_add_one(tmp_path):
   np.testing.assert_array_equal(np.load(path), ref)
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_mode_open_gives_whatever_the_writer_used(tmp_path, mask):
+  # safetensors writes its file 0600 (through a temporary of its own); the result must look like open(..., "w")
+  from safetensors.numpy import load_file, save_file
+  old = os.umask(mask)
+  try:
+    assert files.umask() == mask
+    with open(tmp_path / "plain.txt", "w") as f:  # the reference: what open() makes under this umask
+      f.write("x")
+    expected = os.stat(tmp_path / "plain.txt").st_mode & 0o777
+    assert expected == 0o666 & ~mask
+
+    def private(tmp):
+      os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))
+    files.atomic_write(str(tmp_path / "private.bin"), private)
+    files.atomic_write(str(tmp_path / "w.safetensors"), lambda tmp: save_file({"w": np.ones(3, np.float32)}, tmp))
+    files.write_text(str(tmp_path / "t.txt"), "x")
+    os.chmod(tmp_path / "t.txt", 0o600)
+    files.write_json(str(tmp_path / "t.txt"), {})  # replacing a 0600 file: the new one has the usual mode
+    for name in ("private.bin", "w.safetensors", "t.txt"):
+      assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(expected), name
+    np.testing.assert_array_equal(load_file(str(tmp_path / "w.safetensors"))["w"], np.ones(3, np.float32))
+  finally:
+    os.umask(old)
+
+
 def test_fsync_tree_reaches_every_file_and_directory(tmp_path, monkeypatch):
   (tmp_path / "a" / "b").mkdir(parents=True)
   for name in ("x", "a/y", "a/b/z"):

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -99,3 +100,38 @@ def test_missing_model_is_one_error_line(tmp_path):
   result = run_script(f"--model={tmp_path}/absent", "--prompt=ciao")
   assert result.returncode != 0
   assert result.stderr.strip() == f"error: {tmp_path}/absent: no such file or directory"
+
+
+def test_quantized_decoding_keeps_one_layer_dequantized():
+  """The compiled prefill + decode loop of an NF4 SmolLM2-shaped model, 2 vs 4 layers (memory_analysis): with
+  the layers `loading.decode_scan` picks for NF4 (scanned) the temporaries grow by far less than one layer of
+  dequantized weights; unrolled, XLA keeps every layer dequantized at once (an 8B model: 32 GB)."""
+  import dataclasses
+
+  from flax import linen as nn
+
+  from anita_jax.model import config as cfg
+  from anita_jax.model import llama as M
+  from anita_jax.model import quant as Q
+  base = cfg.PRESETS["smollm2-135m"]
+  d = base
+  one_layer = 4 * (d.hidden_size * d.head_dim * (2 * d.num_heads + 2 * d.num_kv_heads)
+                   + 3 * d.hidden_size * d.intermediate_size)
+  tokens, segments = jnp.zeros((1, 16), jnp.int32), jnp.ones((1, 16), jnp.int32)
+
+  def temps(layers, scan):
+    net = M.Llama(dataclasses.replace(base, num_layers=layers), quant=Q.QuantSpec("nf4"), scan_layers=scan)
+    params = nn.meta.unbox(jax.eval_shape(net.init, jax.random.key(0), tokens)["params"])
+    compiled = G._generate.lower(net, params, tokens, segments, jnp.asarray([2]), jax.random.key(0),
+                                 jnp.float32(0), jnp.int32(0), jnp.float32(1), max_new_tokens=8,
+                                 greedy=True).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  scan = loading.decode_scan("nf4")
+  assert scan and not loading.decode_scan("none")
+  growth = temps(4, scan) - temps(2, scan)
+  unrolled_growth = temps(4, False) - temps(2, False)
+  print(f"decode temporaries per 2 extra layers: scanned {growth}, unrolled {unrolled_growth}; one layer "
+        f"dequantized {one_layer}")
+  assert growth < one_layer / 10
+  assert unrolled_growth >= 2 * one_layer  # why decode_scan: unrolled, every layer stays dequantized

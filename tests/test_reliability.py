@@ -7,6 +7,7 @@ chosen point, or a SIGTERM as Cloud TPU sends before preempting a VM); the next 
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -304,20 +305,51 @@ def test_unknown_config_fields_and_wrong_types_are_one_error_line(tmp_path, flag
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
-@pytest.mark.parametrize("config, message", [
-    ("anita_dem.py:sft", "error: --config: cannot load the config file ([Errno 2] No such file or directory"),
-    ("anita_demo.py:dop", "error: flag --config="),
-])
-def test_a_misspelt_config_file_or_stage_is_one_error_line(tmp_path, config, message):
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"),
-                           "--config=" + os.path.join(ROOT, "configs", config), f"--workdir={tmp_path / 'w'}"],
+NO_FILE = "error: --config: cannot load the config file ([Errno 2] No such file or directory: "
+
+
+@pytest.mark.parametrize("script, config, overrides, message", [
+    ("train.py", "anita_dem.py:sft", [], NO_FILE),
+    # an override reaches the config of the file that did not load while absl still parses the flags
+    ("train.py", "anita_dem.py:sft", ["--config.train.steps=2"], NO_FILE),
+    ("anita.py", "anita_dem.py", ["--config.sft.train.steps=2"], NO_FILE),
+    ("train.py", "anita_demo.py:dop", [], "error: --config=CONFIGS/anita_demo.py:dop: unknown stage 'dop': "),
+    ("train.py", "anita_demo.py:dop", ["--config.train.steps=2"], "error: --config=CONFIGS/anita_demo.py:dop: "),
+    ("anita.py", "anita_demo.py:dop", [], "error: --config=CONFIGS/anita_demo.py:dop: unknown stage 'dop': "),
+    ("anita.py", "anita_8b.py:sfft", [], "error: --config=CONFIGS/anita_8b.py:sfft: unknown stage 'sfft': "),
+], ids=["file", "file-override", "recipe-file-override", "stage", "stage-override", "recipe-stage", "8b-stage"])
+def test_a_misspelt_config_file_or_stage_is_one_error_line(tmp_path, script, config, overrides, message):
+  configs = os.path.join(ROOT, "configs")
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), f"--config={configs}/{config}",
+                           f"--workdir={tmp_path / 'w'}"] + overrides, env=env(), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(message.replace("CONFIGS", configs)), result.stderr[-2000:]
+  file = os.path.join(configs, config.split(":")[0])
+  if os.path.isfile(file):  # the stages the file has, by name (INTERFACE.md: sft, dpo, lm; none = the recipe)
+    assert re.search(r"has sft, dpo, lm \(and, without :ARG, the whole recipe", lines[0]), lines[0]
+  else:
+    assert lines[0].endswith(f"'{file}')")  # the file as given
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_aot_compile_starts_libtpu_quietly_and_still_shows_its_errors(tmp_path):
+  # A topology libtpu itself refuses: its start-up has happened (on this CPU host, without metadata server)
+  # by the time it answers, and its answer is the one line; its "could not determine TPU accelerator type"
+  # warning and the INVALID_ARGUMENT about a placeholder worker hostname are gone.
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed")
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "aot_compile.py"),
+                           "--config=" + os.path.join(ROOT, "configs", "anita_demo.py") + ":sft",
+                           "--topology=v5e:3x3", "--nocross_check", f"--output={tmp_path / 'aot.json'}"],
                           env=env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
-  if config.endswith("dop"):
-    assert lines[0].endswith("expected sft, dpo or lm")  # the config file's own message, not an empty one
-  assert not os.path.exists(tmp_path / "w")
+  assert len(lines) == 1 and lines[0].startswith(
+      "error: --topology=v5e:3x3: libtpu refused it (INVALID_ARGUMENT: Topology layout \"v5e:3x3\""), result.stderr
+  assert not (tmp_path / "aot.json").exists()
 
 
 def test_a_gguf_type_the_recipe_cannot_write_is_refused_before_training(tmp_path):

@@ -72,14 +72,40 @@ def stage_config(config, flag: str):
   return config
 
 
+def _config_file_error(e: flags.Error) -> str:
+  """What get_config(ARG) of a --config file raised, as its own one line (ml_collections wraps it in a
+  traceback, and absl in "flag --config=...")."""
+  wrapper = e.__cause__ or e.__context__  # ml_collections' "Error whilst parsing config file:\n\n<traceback>"
+  original = wrapper and (wrapper.__cause__ or wrapper.__context__)
+  if original is not None and str(original).strip():
+    return str(original).strip().splitlines()[0]
+  lines = str(wrapper or "").strip().splitlines()
+  return lines[-1] if lines else "get_config failed"
+
+
+def _unloadable_config(e: OSError) -> str | None:
+  """The one line for ml_collections' deferred error of a --config file it could not load, else None."""
+  text = str(e)
+  if not text.startswith("Configuration is not available"):
+    return None
+  reason = text.strip().splitlines()[-1].strip().replace("Configuration is not available because of an earlier "
+                                                          "failure to load: ", "")
+  return f"--config: cannot load the config file ({reason})"
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     message = str(e).splitlines()[0]
-    cause = e.__cause__ or e.__context__
-    if message.rstrip().endswith(":") and cause is not None and str(cause).strip():
-      message = f"{message.rstrip()} {str(cause).strip().splitlines()[-1]}"  # the config file's own error
+    parsing = re.match(r"flag (--\w+)=(.*?): Error whilst parsing config file:", message)
+    if parsing:
+      message = f"{parsing.group(1)}={parsing.group(2)}: {_config_file_error(e)}"
+    _fail(message)
+  except OSError as e:  # a --config.FIELD override reached the config of a --config file that did not load
+    message = _unloadable_config(e)
+    if message is None:
+      raise
     _fail(message)
   except (AttributeError, KeyError) as e:  # ml_collections: --config.FIELD names no field of the config
     text = str(e)
@@ -109,10 +135,10 @@ def run(main: Callable[[list[str]], None]) -> None:
         raise
       _fail(str(e))
     except OSError as e:
-      text = str(e)
-      if not text.startswith("Configuration is not available"):  # not ml_collections' unreadable --config
+      message = _unloadable_config(e)
+      if message is None:  # not ml_collections' unreadable --config
         raise
-      _fail(f"--config: cannot load the config file ({text.strip().splitlines()[-1].strip()})")
+      _fail(message)
     except Preempted as e:  # saved at a step boundary: a clean exit, the scheduler restarts the job
       print(str(e), file=sys.stderr, flush=True)
       sys.exit(0)

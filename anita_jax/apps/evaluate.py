@@ -37,7 +37,7 @@ def main(*, model: str | None, tasks: Sequence[str], output: str, num_fewshot: i
   if limit is not None and limit < 1:
     raise UserError(f"--limit={limit}: must be at least 1")
   manager = E.task_manager(include_path)
-  tasks = E.check_tasks(tasks, manager)
+  tasks = E.load_tasks(E.check_tasks(tasks, manager), manager)  # datasets before the model: fails fast
   path = model or loading.embedded_default_path()
   if dtype is None and not W.is_workdir(path):  # a workdir has its own dtype
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"

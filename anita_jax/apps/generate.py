@@ -23,9 +23,8 @@ def main(*, model, prompt, prompts_file, system, chat, max_new_tokens, temperatu
   path = model or loading.embedded_default_path()
   if dtype is None and not W.is_workdir(path):  # a workdir has its own dtype
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  # Layers unrolled: a scanned decode step re-slices every layer's weights from the stacks.
-  net, params, tokenizer, config = W.load_model(path, dtype=dtype, quant=quant,
-                                                      scan_layers=False)
+  # Unrolled layers for a dense model, scanned for a quantized one (loading.decode_scan).
+  net, params, tokenizer, config = W.load_model(path, dtype=dtype, quant=quant, scan_layers=None)
   defaults = G.sampling_defaults(path)
   sampling = G.SamplingSpec(
       max_new_tokens=max_new_tokens if max_new_tokens is not None else defaults.get("max_new_tokens", 256),

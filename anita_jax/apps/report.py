@@ -175,7 +175,8 @@ def evaluate_model(path: str, data_dir: str, *, dtype: str | None = None, quant=
   for path_ in paths:
     if not os.path.isfile(path_):
       raise UserError(f"{path_}: no such file (the report's held-out data)")
-  model, params, tokenizer, config = W.load_model(W.model_path(path), dtype=dtype, quant=quant, scan_layers=False)
+  model, params, tokenizer, config = W.load_model(W.model_path(path), dtype=dtype, quant=quant,
+                                                scan_layers=None)  # loading.decode_scan
   ppl = perplexity(model, params, tokenizer, paths[0], max_length=max_length, max_rows=max_rows)
   chosen, rejected = sequence_logps_of_pairs(model, params, tokenizer, paths[1], max_length=max_length,
                                              max_prompt_length=max_prompt_length, max_rows=max_rows)

@@ -172,7 +172,8 @@ def _write_weights(directory: str, config: ModelConfig, params: dict, dtype: str
     total += shard[name].nbytes
     missing[file] -= 1
     if not missing[file]:
-      save_file(filling.pop(file), os.path.join(directory, file), metadata={"format": "pt"})
+      shard = filling.pop(file)  # safetensors writes through a 0600 temporary file: atomic_write sets the mode
+      files.atomic_write(os.path.join(directory, file), lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
   if len(plan) > 1:
     index = {"metadata": {"total_size": total, "total_parameters": total // np_dtype.itemsize},
              "weight_map": {name: file_of[name] for name in expected}}
@@ -252,9 +253,10 @@ def write_hf_model(out_dir: str, config: ModelConfig, params: dict, tokenizer, *
                      {**config.to_hf(), "dtype": dtype, "torch_dtype": dtype, "use_cache": True})
 
 
-def write_adapter(out_dir: str, adapters: dict, config: ModelConfig, spec: LoraSpec, base_model: str,
+def write_adapter(out_dir: str, adapters: dict, config: ModelConfig, spec: LoraSpec, base_model: str | None,
                   scan_layers: bool = True, *, atomic: bool = True) -> None:
-  """A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) for `base_model`.
+  """A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) for `base_model` (named in
+  adapter_config.json when it is a hub id, else null: see `peft.to_peft`).
 
   `adapters` holds `lora_a`/`lora_b` leaves (a full parameter tree with them will do).
   """
@@ -290,6 +292,8 @@ def _cell(value) -> str:
 def model_card(base_model: str, stages: list[dict], license: str) -> str:
   """A markdown model card with HF's YAML front matter.
 
+  base_model: the first stage's model PATH; a hub id goes into the metadata as `base_model`, a local
+    file or directory is named in the text only, by its file name (see `peft.hub_id`).
   stages: one dict per training stage, in order: `name`, `data` (a dataset or a
   list of them) and any hyperparameters (nested dicts are flattened as `a.b`).
   license: the base model's license identifier (e.g. "llama3").
@@ -297,14 +301,17 @@ def model_card(base_model: str, stages: list[dict], license: str) -> str:
   # Only hub ids go into the metadata; local files are named in the text.
   datasets = list(dict.fromkeys(d for s in stages for d in _datasets(s)
                                 if _HUB_ID.match(d) and not d.endswith(_DATA_FILES)))
+  hub = peft.hub_id(base_model)
+  name = hub or os.path.basename(os.path.normpath(base_model)) or base_model
   metadata = huggingface_hub.ModelCardData(
-      base_model=base_model, library_name="transformers", license=license, language=["it", "en"],
+      base_model=hub, library_name="transformers", license=license, language=["it", "en"],
       tags=["llama", "llama-3", "qlora", "lora", "merged"] + [str(s["name"]) for s in stages if s.get("name")],
       datasets=datasets or None)
   names = ", ".join(str(s.get("name", i + 1)) for i, s in enumerate(stages))
   summary = (f" Training stages: {names}; each trained a LoRA adapter that was then merged into the weights."
              if stages else "")
-  body = [f"# {base_model.rsplit('/', 1)[-1]}, fine-tuned", "", f"Base model: `{base_model}`.{summary}", ""]
+  where = "" if hub else " (local)"
+  body = [f"# {name.rsplit('/', 1)[-1]}, fine-tuned", "", f"Base model: `{name}`{where}.{summary}", ""]
   for i, stage in enumerate(stages, 1):
     body += [f"## Stage {i}: {stage.get('name', '')}".rstrip(), ""]
     data = _datasets(stage)
@@ -316,7 +323,7 @@ def model_card(base_model: str, stages: list[dict], license: str) -> str:
       body += [f"| {k} | {_cell(v)} |" for k, v in rows]
       body.append("")
   body += ["## License", "",
-           f"The weights derive from `{base_model}` and are distributed under its license: `{license}`.", ""]
+           f"The weights derive from `{name}` and are distributed under its license: `{license}`.", ""]
   # The body goes in as a value, not as template text: braces in a hyperparameter stay as they are.
   card = huggingface_hub.ModelCard.from_template(metadata, template_str="---\n{{ card_data }}\n---\n\n{{ body }}",
                                                  body="\n".join(body))

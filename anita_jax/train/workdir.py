@@ -180,7 +180,7 @@ def merged_model(workdir: str, merge_into: str = "dequantized") -> str:
   return out
 
 
-def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: bool = True):
+def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: bool | None = True):
   """(Llama module, params on the default device, tokenizer, config) for any model PATH.
 
   A training workdir comes with its trained adapter (and, unless overridden, its own dtype and
@@ -201,6 +201,8 @@ def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: 
   stage = load_trained(path, mesh=_one_device_mesh(), config=C.replace(c, **changes))
   params = lora.combine(stage.state["params"], stage.frozen)
   model = stage.model.clone(deterministic=True)
+  if scan_layers is None:
+    scan_layers = loading.decode_scan(stage.config.quant.type)
   if not scan_layers and model.scan_layers:
     params, model = unstack_layers(params, stage.model_config.num_layers), model.clone(scan_layers=False)
   return model, params, stage.tokenizer, stage.model_config
