@@ -135,27 +135,44 @@ def combine(*trees: dict) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
+def _adapters_of(flat: dict, parent: tuple, spec: LoraSpec) -> tuple[tuple, tuple[float, ...]]:
+  """((a, b) of the frozen then the trainable adapter of a kernel, as present), (their scales)."""
+  adapters, scales = [], []
+  for (a_name, b_name), scale in ((FROZEN_LEAVES, 1.0), (LORA_LEAVES, spec.scale)):
+    if parent + (a_name,) in flat:
+      adapters.append((flat[parent + (a_name,)], flat[parent + (b_name,)]))
+      scales.append(float(scale))
+  return tuple(adapters), tuple(scales)
+
+
+def _add_adapters(w, adapters: tuple, scales: tuple[float, ...]):
+  for (a, b), scale in zip(adapters, scales):
+    w = w + scale * jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
+                               precision=jax.lax.Precision.HIGHEST)
+  return w
+
+
+def _map_kernels(params: dict, spec: LoraSpec, fn) -> dict:
+  """params without adapters, each kernel replaced by fn(path, kernel, adapters, scales) (`_adapters_of`)."""
+  flat = traverse_util.flatten_dict(params, is_leaf=_is_weight)
+  out = {}
+  for path, value in flat.items():
+    if path[-1] in LORA_LEAVES + FROZEN_LEAVES:
+      continue
+    out[path] = fn(path, value, *_adapters_of(flat, path[:-1], spec)) if path[-1] == "kernel" else value
+  return traverse_util.unflatten_dict(out)
+
+
 def merge(params: dict, spec: LoraSpec, dtype=jnp.float32) -> dict:
   """W' = W + frozen_a @ frozen_b + scale * (A @ B) for every adapted kernel, in fp32, cast to `dtype`;
   adapters removed.
 
   Quantized kernels are dequantized first (the function that was trained); the
   result holds plain arrays, ready to be re-quantized for a following stage.
+  `merge_lazily` computes the same one matrix at a time.
   """
-  flat = traverse_util.flatten_dict(params, is_leaf=_is_weight)
-  out = {}
-  for path, value in flat.items():
-    if path[-1] in LORA_LEAVES + FROZEN_LEAVES:
-      continue
-    if path[-1] == "kernel":
-      value = Q.dequantize(value)
-      for (a_name, b_name), scale in ((FROZEN_LEAVES, 1.0), (LORA_LEAVES, spec.scale)):
-        if path[:-1] + (a_name,) in flat:
-          a, b = flat[path[:-1] + (a_name,)], flat[path[:-1] + (b_name,)]
-          value = value + scale * jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
-                                             precision=jax.lax.Precision.HIGHEST)
-    out[path] = jnp.asarray(value).astype(dtype)
-  return traverse_util.unflatten_dict(out)
+  merged = _map_kernels(params, spec, lambda _, w, adapters, scales: _add_adapters(Q.dequantize(w), adapters, scales))
+  return jax.tree.map(lambda x: jnp.asarray(x).astype(dtype), merged)
 
 
 @functools.partial(jax.jit, static_argnames=("scales", "dtype"))
@@ -164,11 +181,7 @@ def _merge_one(kernel, adapters, index, scales, dtype):
   if index is not None:
     kernel, adapters = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False),
                                     (kernel, adapters))
-  value = Q.dequantize(kernel)
-  for (a, b), scale in zip(adapters, scales):
-    value = value + scale * jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
-                                       precision=jax.lax.Precision.HIGHEST)
-  return value.astype(dtype)
+  return _add_adapters(Q.dequantize(kernel), adapters, scales).astype(dtype)
 
 
 class MergedKernel:
@@ -206,21 +219,11 @@ class MergedKernel:
 def merge_lazily(params: dict, spec: LoraSpec, dtype=jnp.float32) -> dict:
   """`merge(params, spec, dtype)` with every adapted or quantized kernel a `MergedKernel`, computed when
   an exporter reads it; the other leaves as they are. Kernels under `layers` are stacked."""
-  flat = traverse_util.flatten_dict(params, is_leaf=_is_weight)
-  out = {}
-  for path, value in flat.items():
-    if path[-1] in LORA_LEAVES + FROZEN_LEAVES:
-      continue
-    if path[-1] == "kernel":
-      adapters, scales = [], []
-      for (a_name, b_name), scale in ((FROZEN_LEAVES, 1.0), (LORA_LEAVES, spec.scale)):
-        if path[:-1] + (a_name,) in flat:
-          adapters.append((flat[path[:-1] + (a_name,)], flat[path[:-1] + (b_name,)]))
-          scales.append(float(scale))
-      if adapters or isinstance(value, (Q.NF4Weight, Q.Int4Weight)):
-        value = MergedKernel(value, tuple(adapters), tuple(scales), jnp.dtype(dtype), stacked=path[0] == "layers")
-    out[path] = value
-  return traverse_util.unflatten_dict(out)
+  def lazy(path, w, adapters, scales):
+    if not adapters and not isinstance(w, (Q.NF4Weight, Q.Int4Weight)):
+      return w
+    return MergedKernel(w, adapters, scales, jnp.dtype(dtype), stacked=path[0] == "layers")
+  return _map_kernels(params, spec, lazy)
 
 
 def fold(params: dict, spec: LoraSpec) -> tuple[dict, LoraSpec]:
