@@ -110,3 +110,31 @@ def test_nf4_import_grows_by_the_quantized_layer_not_a_float32_stack(tmp_path):
 
   rss_slope = (m8["rss_growth"] - m4["rss_growth"]) / 4
   assert rss_slope <= nf4 + fp32 / 2, (rss_slope / MiB, nf4 / MiB, fp32 / MiB)
+
+
+def test_a_base_is_imported_once_per_files_and_form(tiny_hf_dir, tmp_path, monkeypatch):
+  """The recipe's stages, exports and report models share one base: a second load of the same files in the same
+  form reuses the placed leaves; changed files or another quantization import again, replacing the entry."""
+  import shutil
+
+  import jax
+
+  from anita_jax.convert import loading
+  from anita_jax.train import config as C
+  from anita_jax.train import state as ST
+  base = str(tmp_path / "base")
+  shutil.copytree(tiny_hf_dir, base)
+  calls = []
+  real = loading.load_weights
+  monkeypatch.setattr(loading, "load_weights", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+  c = C.from_dict({"data": {"train": "x"}, "mesh": {"data": 1}, "quant": {"type": "nf4"}})
+  first, _ = ST._load(c, base, None, False, None)
+  second, _ = ST._load(c, base, None, False, None)
+  assert len(calls) == 1
+  for a, b in zip(jax.tree.leaves(first.frozen), jax.tree.leaves(second.frozen)):
+    assert a is b
+  os.utime(os.path.join(base, "model.safetensors"), ns=(0, 0))  # the files changed: read them again
+  ST._load(c, base, None, False, None)
+  assert len(calls) == 2
+  ST._load(C.replace(c, **{"quant.type": "int4"}), base, None, False, None)
+  assert len(calls) == 3 and len(ST._BASE_CACHE) == 1

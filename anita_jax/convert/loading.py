@@ -39,6 +39,15 @@ def _resolve(path: str) -> str:
     raise UserError(f"{path}: not a local path, and the hub download failed ({type(e).__name__})") from None
 
 
+def weights_fingerprint(path: str) -> tuple:
+  """(file, size, mtime) of every file of a model PATH: while it is unchanged, weights loaded from PATH are
+  still the files' weights."""
+  local = _resolve(path)
+  names = [local] if os.path.isfile(local) else sorted(os.path.join(local, f) for f in os.listdir(local))
+  stats = [(f, os.stat(f)) for f in names if os.path.isfile(f)]
+  return tuple((f, s.st_size, s.st_mtime_ns) for f, s in stats)
+
+
 def load_weights(path: str, *, scan_layers: bool = True, dtype=np.float32,
                  transform=None) -> tuple[ModelConfig, dict]:
   """(config, params) from a model PATH. `transform` (an `hf.LeafTransform`, e.g. `leaf_transform(...)`)

@@ -125,6 +125,20 @@ def abstract_stage(c, model_config, mesh, tokenizer=None, base_path: str = "", *
                tokenizer, model_config, spec, step_spec(c, model_config, mesh), base_path)
 
 
+# The last base loaded, in its final (quantized, placed) form, for whatever asks next for the same files in the
+# same form: the recipe's stages, exports and report models all stand on one base, and importing and quantizing an
+# 8B base takes minutes each time. One entry: a different base replaces it before it is read. Frozen leaves are
+# never donated or changed in place, so sharing them is safe.
+_BASE_CACHE: dict = {}
+
+
+def _cached_base(key, load):
+  if key not in _BASE_CACHE:
+    _BASE_CACHE.clear()
+    _BASE_CACHE[key] = load()
+  return _BASE_CACHE[key]
+
+
 def _load(c: C.StageConfig, base_path: str, mesh, with_optimizer: bool, frozen_adapters) -> tuple[Stage, dict]:
   """(abstract stage, the base's trainable non-adapter leaves) with `stage.frozen` loaded from base_path
   (and the earlier stages' adapters `frozen_adapters`, (rank, tree of host arrays), for a stacked stage)."""
@@ -138,12 +152,15 @@ def _load(c: C.StageConfig, base_path: str, mesh, with_optimizer: bool, frozen_a
   flat_sh = {**LA.flatten(stage.frozen_shardings), **LA.flatten(stage.state_shardings["params"])}
   transform = loading.leaf_transform(quant_spec(c), c.model.dtype,
                                      place=lambda path, x: jax.tree.map(S.place, x, flat_sh[path]))
-  _, base = loading.load_weights(base_path, scan_layers=c.model.scan_layers, transform=transform)
+  key = (loading.weights_fingerprint(base_path), quant_spec(c), c.model.dtype, c.model.scan_layers,
+         tuple((path, tuple(jax.tree.leaves(sh))) for path, sh in sorted(flat_sh.items())))
+  base = _cached_base(key, lambda: loading.load_weights(base_path, scan_layers=c.model.scan_layers,
+                                                        transform=transform)[1])
   abstract = LA.flatten(stage.frozen)  # the frozen adapters' dtype: the compute dtype (see model.Linear)
   base = LA.combine(base, LA.unflatten({p: S.place(np.asarray(v, np.float32).astype(abstract[p].dtype), flat_sh[p])
                                         for p, v in LA.flatten(stacked).items()}))
   moved, frozen = LA.partition(base, LA.trainable_mask(base, C.trainable_groups(c)))
-  moved = jax.tree.map(lambda x: x.astype(jnp.float32), moved)
+  moved = jax.tree.map(lambda x: jnp.copy(x.astype(jnp.float32)), moved)  # trained and donated: not the cache's
   return dataclasses.replace(stage, frozen=frozen), moved
 
 
