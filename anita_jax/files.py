@@ -14,6 +14,7 @@ and imports only the standard library and `errors`.
 - `read_jsonl(path)`: the rows of a JSON Lines file with their 1-based line numbers; every
   problem is a `UserError` naming the file and the line.
 - `split_list(value)`: "a, b,,c" -> ["a", "b", "c"] (config fields and flags that hold lists).
+- `hub_id(path)`: `path` when it names a Hugging Face Hub model rather than a local file, else None.
 """
 
 from __future__ import annotations
@@ -171,3 +172,15 @@ def split_list(value: str | Iterable[str]) -> list[str]:
   """
   items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
   return [s.strip() for s in items if s.strip()]
+
+
+def hub_id(path: str | None) -> str | None:
+  """`path` if it names a Hugging Face Hub model: org/name, and no local file or directory of that name.
+
+  How a model PATH is resolved (`convert.loading`), and what metadata meant for other machines may name
+  (a local path would mean nothing there)."""
+  if not path or os.path.exists(path):
+    return None
+  if path.count("/") == 1 and not path.startswith((".", "/", "~")) and not path.endswith(".gguf"):
+    return path
+  return None

@@ -166,3 +166,11 @@ def test_data_already_read_is_used_as_is(tmp_path):
 ])
 def test_split_list(value, want):
   assert files.split_list(value) == want
+
+
+def test_hub_id_is_an_org_name_pair_that_is_not_a_local_path(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert files.hub_id("meta-llama/Meta-Llama-3-8B-Instruct") == "meta-llama/Meta-Llama-3-8B-Instruct"
+  (tmp_path / "runs" / "demo").mkdir(parents=True)
+  for local_or_not_a_model in ("runs/demo", str(tmp_path), "./a/b", "~/a", "a/b.gguf", "a/b/c", "a", "", None):
+    assert files.hub_id(local_or_not_a_model) is None, local_or_not_a_model

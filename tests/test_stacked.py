@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from anita_jax.apps import check_export
 from anita_jax.data import preference
 from anita_jax.data import rows as D
 from anita_jax.train import loop as T
@@ -100,3 +101,6 @@ def test_three_stacked_stages_export_as_one_peft_adapter(demo_config, tiny_hf_di
   assert rel(ours, theirs) <= 1e-5
   assert rel(ours, theirs_merged) <= 1e-5
   assert net.lora.frozen_rank == 8  # the workdir's model holds the sft and dpo adapters, frozen
+  # scripts/check_export.py's comparison (a chat prompt through the export's tokenizer) agrees
+  checked = check_export.compare(previous, str(tmp_path / "hf"), dtype="float32")
+  assert checked["relative"] <= 1e-5 and checked["argmax_agreement"] == 1.0, checked

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from anita_jax.convert import gguf_export, loading, modelfile
 from anita_jax.model import lora
 from anita_jax.train import workdir as W
@@ -29,10 +31,13 @@ def merged(path: str, merge_into: str = "dequantized"):
 def export_gguf(path: str, outputs: dict[str, str], *, merge_into: str = "dequantized", modelfile_for: str | None = None,
                 system: str | None = None, name: str = "", progress: bool = False) -> None:
   """Writes each `outputs` file (type -> .gguf path) of the model PATH, merged once; and, when
-  `modelfile_for` names one of them, an Ollama `Modelfile` beside it."""
+  `modelfile_for` names one of them, an Ollama `Modelfile` beside it. In a multi-host run every process
+  loads the whole model (`load_trained` restores collectively onto each local device) and process 0 writes."""
   for type_ in outputs:  # before reading any weights
     gguf_export.check_type(type_)
   config, params, tokenizer, scan_layers, generation = merged(path, merge_into)
+  if jax.process_index() != 0:
+    return
   for type_, out in outputs.items():
     gguf_export.write_gguf(out, config, params, tokenizer, type=type_, scan_layers=scan_layers,
                            name=name, progress=progress)

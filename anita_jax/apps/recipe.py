@@ -47,16 +47,12 @@ def _done_path(stage_dir: str) -> str:
   return os.path.join(stage_dir, "DONE.json")
 
 
-def run_stage(c: ml_collections.ConfigDict, stage_dir: str) -> bool:
-  """Trains (or resumes) the stage; False when it had finished earlier."""
-  if os.path.isfile(_done_path(stage_dir)):
-    _say(f"{stage_dir}: finished earlier, skipped")
-    return False
+def run_stage(c: ml_collections.ConfigDict, stage_dir: str) -> None:
+  """Trains (or resumes) the stage and marks it finished."""
   started = time.time()
   metrics = train.train_and_evaluate(c, stage_dir)
   if jax.process_index() == 0:
     files.write_json(_done_path(stage_dir), {"seconds": round(time.time() - started, 1), "last_metrics": metrics})
-  return True
 
 
 def run_recipe(recipe: ml_collections.ConfigDict, workdir: str) -> None:
@@ -73,8 +69,12 @@ def run_recipe(recipe: ml_collections.ConfigDict, workdir: str) -> None:
     if previous is not None:
       c.init_from = previous
     stage_dir = os.path.join(workdir, name)
-    with _phase(f"stage {name} -> {stage_dir}"):
-      trained = run_stage(c, stage_dir) or trained
+    if os.path.isfile(_done_path(stage_dir)):
+      _say(f"== stage {name}: finished earlier, skipped ({stage_dir})")
+    else:
+      with _phase(f"stage {name} -> {stage_dir}"):
+        run_stage(c, stage_dir)
+      trained = True
     previous = stage_dir
   last = recipe[STAGES[-1]]
   hf_dir = os.path.join(workdir, "hf")
@@ -139,10 +139,14 @@ def write_recipe_report(recipe: ml_collections.ConfigDict, workdir: str, run: li
   kwargs = dict(max_length=dpo.data.max_length, max_prompt_length=dpo.data.max_prompt_length,
                 max_new_tokens=settings.get("max_new_tokens", 64), max_rows=settings.get("max_rows") or None)
   # The base as the stages see it: the first stage's quantization and compute dtype (an 8B base in full
-  # precision would need 32 GB, more than a v5e chip or a 24 GiB host holds).
-  quant = Q.QuantSpec(first.quant.type, first.quant.block_size, first.quant.double_quant)
-  base = report.evaluate_model(W.model_path(first.model.path), data_dir, dtype=first.model.dtype, quant=quant,
-                               **kwargs)
+  # precision would need 32 GB, more than a v5e chip or a 24 GiB host holds). When that stage trained only
+  # its adapter, that is its workdir with the adapter off, on the base the stage rows reuse (one import).
+  if files.split_list(first.train.trainable) == ["lora"]:
+    base = report.evaluate_model(os.path.join(workdir, STAGES[0]), data_dir, adapters=False, **kwargs)
+  else:
+    quant = Q.QuantSpec(first.quant.type, first.quant.block_size, first.quant.double_quant)
+    base = report.evaluate_model(W.model_path(first.model.path), data_dir, dtype=first.model.dtype, quant=quant,
+                                 **kwargs)
   rows = [report.report_row("base", base, base, beta=dpo.dpo.beta)]
   for i, name in enumerate(STAGES):
     result = report.evaluate_model(os.path.join(workdir, name), data_dir, **kwargs)

@@ -160,28 +160,31 @@ def answers(model, params, tokenizer, config, prompts_path: str, *, max_new_toke
           for r, x in zip(rows, ids)]
 
 
-def evaluate_model(path: str, data_dir: str, *, dtype: str | None = None, quant=None, max_length: int = 256,
-                   max_prompt_length: int | None = None, max_new_tokens: int = 64, texts: str = TEXTS_FILE,
-                   pairs: str = PAIRS_FILE, prompts: str = PROMPTS_FILE, max_rows: int | None = None) -> dict:
+def evaluate_model(path: str, data_dir: str, *, dtype: str | None = None, quant=None, adapters: bool = True,
+                   max_length: int = 256, max_prompt_length: int | None = None, max_new_tokens: int = 64,
+                   texts: str = TEXTS_FILE, pairs: str = PAIRS_FILE, prompts: str = PROMPTS_FILE,
+                   max_rows: int | None = None) -> dict:
   """{"perplexity", "chosen_logps", "rejected_logps", "answers"} of a model PATH.
 
   path: any model PATH (a training workdir runs with its own dtype and quantization unless
     `dtype` / `quant` say otherwise; anything else defaults to float32 and no quantization).
+  adapters: False runs a workdir without its own trained adapter (`workdir.load_model`).
   data_dir: holds `texts` (Italian text rows), `pairs` (preference rows) and `prompts`.
   max_rows: at most this many rows of each (None: all).
   """
-  print(f"report: evaluating {path} (perplexity, preference pairs, answers)", file=sys.stderr, flush=True)
+  what = path if adapters else f"{path} without its adapter"
+  print(f"report: evaluating {what} (perplexity, preference pairs, answers)", file=sys.stderr, flush=True)
   paths = [os.path.join(data_dir, name) for name in (texts, pairs, prompts)]
   for path_ in paths:
     if not os.path.isfile(path_):
       raise UserError(f"{path_}: no such file (the report's held-out data)")
   model, params, tokenizer, config = W.load_model(W.model_path(path), dtype=dtype, quant=quant,
-                                                scan_layers=None)  # loading.decode_scan
+                                                scan_layers=None, adapters=adapters)  # loading.decode_scan
   ppl = perplexity(model, params, tokenizer, paths[0], max_length=max_length, max_rows=max_rows)
   chosen, rejected = sequence_logps_of_pairs(model, params, tokenizer, paths[1], max_length=max_length,
                                              max_prompt_length=max_prompt_length, max_rows=max_rows)
   replies = answers(model, params, tokenizer, config, paths[2], max_new_tokens=max_new_tokens, max_rows=max_rows)
-  print(f"report: {path}: perplexity {ppl:.3f}, {len(chosen)} pairs, {len(replies)} answers",
+  print(f"report: {what}: perplexity {ppl:.3f}, {len(chosen)} pairs, {len(replies)} answers",
         file=sys.stderr, flush=True)
   return {"perplexity": ppl, "chosen_logps": chosen, "rejected_logps": rejected, "answers": replies}
 

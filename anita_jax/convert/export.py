@@ -293,7 +293,7 @@ def model_card(base_model: str, stages: list[dict], license: str) -> str:
   """A markdown model card with HF's YAML front matter.
 
   base_model: the first stage's model PATH; a hub id goes into the metadata as `base_model`, a local
-    file or directory is named in the text only, by its file name (see `peft.hub_id`).
+    file or directory is named in the text only, by its file name (see `files.hub_id`).
   stages: one dict per training stage, in order: `name`, `data` (a dataset or a
   list of them) and any hyperparameters (nested dicts are flattened as `a.b`).
   license: the base model's license identifier (e.g. "llama3").
@@ -301,7 +301,7 @@ def model_card(base_model: str, stages: list[dict], license: str) -> str:
   # Only hub ids go into the metadata; local files are named in the text.
   datasets = list(dict.fromkeys(d for s in stages for d in _datasets(s)
                                 if _HUB_ID.match(d) and not d.endswith(_DATA_FILES)))
-  hub = peft.hub_id(base_model)
+  hub = files.hub_id(base_model)
   name = hub or os.path.basename(os.path.normpath(base_model)) or base_model
   metadata = huggingface_hub.ModelCardData(
       base_model=hub, library_name="transformers", license=license, language=["it", "en"],

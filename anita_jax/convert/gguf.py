@@ -10,6 +10,8 @@ rotate_half order (transformers' GGUF loader is the reference).
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from collections.abc import Iterator
 
@@ -30,7 +32,16 @@ _ROOT_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.we
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 
 
-def _reader(path: str):
+def reader(path: str):
+  """The file's `gguf.GGUFReader` (read-only, memory-mapped), parsed once while the file is unchanged:
+  parsing a vocabulary's metadata takes seconds."""
+  stat = os.stat(path)
+  return _reader(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)
+def _reader(path: str, size: int, mtime_ns: int):
+  del size, mtime_ns  # part of the cache key only
   import gguf
   try:
     return gguf.GGUFReader(path)
@@ -127,8 +138,8 @@ def read_gguf_tensors(reader, config: ModelConfig, path: str) -> Iterator[tuple[
 def load_gguf(path: str, *, scan_layers: bool = True, dtype=np.float32,
               transform=None) -> tuple[ModelConfig, dict]:
   """(config, params) from a llama.cpp `.gguf` file."""
-  reader = _reader(path)
-  config = gguf_config(reader, path)
-  params = hf.build_params(config, read_gguf_tensors(reader, config, path), source=path,
+  gguf_file = reader(path)
+  config = gguf_config(gguf_file, path)
+  params = hf.build_params(config, read_gguf_tensors(gguf_file, config, path), source=path,
                            scan_layers=scan_layers, dtype=dtype, transform=transform)
   return config, params

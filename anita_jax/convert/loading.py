@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import os
 
 import numpy as np
 
-from anita_jax.model.config import ModelConfig
+from anita_jax import files
 from anita_jax.errors import UserError
+from anita_jax.model.config import ModelConfig
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -29,8 +32,7 @@ def _resolve(path: str) -> str:
   """A local file or directory for PATH; hub ids are downloaded (safetensors and JSON only)."""
   if os.path.exists(path):
     return path
-  looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/")) and not path.endswith(".gguf")
-  if not looks_like_hub_id:
+  if files.hub_id(path) is None:
     raise UserError(f"{path}: no such file or directory")
   try:
     from huggingface_hub import snapshot_download
@@ -63,14 +65,23 @@ def load_weights(path: str, *, scan_layers: bool = True, dtype=np.float32,
   return hf.load_hf_dir(local, scan_layers=scan_layers, dtype=dtype, transform=transform)
 
 
+# A model's config and tokenizer are read once per process while its files are unchanged: parsing a GGUF's
+# metadata or building a tokenizer from it takes seconds (the embedded default: about 8 s each), and a recipe
+# asks for the same model's about ten times (each stage, export and report model).
 def load_config(path: str) -> ModelConfig:
   """The architecture of a model PATH, without reading its weights."""
   local = _resolve(path)
+  return _config(local, weights_fingerprint(local))
+
+
+@functools.lru_cache(maxsize=8)
+def _config(local: str, stamp: tuple) -> ModelConfig:
+  del stamp  # part of the cache key only
   if os.path.isfile(local):
     if not local.endswith(".gguf"):
       raise UserError(f"{local}: not a model (expected a .gguf file or an HF model directory)")
     from anita_jax.convert import gguf
-    return gguf.gguf_config(gguf._reader(local), local)
+    return gguf.gguf_config(gguf.reader(local), local)
   if not os.path.isdir(local):
     raise UserError(f"{local}: no such model directory")
   from anita_jax.convert import hf
@@ -78,9 +89,16 @@ def load_config(path: str) -> ModelConfig:
 
 
 def load_tokenizer(path: str):
-  """transformers' tokenizer (with its chat template) for an HF directory or a .gguf file."""
-  import transformers
+  """transformers' tokenizer (with its chat template) for an HF directory or a .gguf file; a copy of
+  the process's cached one, so callers may change it."""
   local = _resolve(path)
+  return copy.deepcopy(_tokenizer(local, weights_fingerprint(local)))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(local: str, stamp: tuple):
+  del stamp  # part of the cache key only
+  import transformers
   try:
     if os.path.isfile(local):
       directory, name = os.path.split(os.path.abspath(local))

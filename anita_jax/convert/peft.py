@@ -19,16 +19,6 @@ from anita_jax.model.lora import LORA_LEAVES, PARENT, adapter_shapes, make_spec
 _PEFT_RE = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
-def hub_id(path: str | None) -> str | None:
-  """`path` if it names a Hugging Face Hub model (org/name and no local file or directory, as
-  `convert.loading` resolves a model PATH), else None: what metadata meant for others may name."""
-  if not path or os.path.exists(path):
-    return None
-  if path.count("/") == 1 and not path.startswith((".", "/", "~")) and not path.endswith(".gguf"):
-    return path
-  return None
-
-
 def to_peft(adapters: dict, config: ModelConfig, spec: LoraSpec, base_model: str | None,
             scan_layers: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """(tensors, adapter_config) in PEFT's LoRA format for CAUSAL_LM.
@@ -47,7 +37,7 @@ def to_peft(adapters: dict, config: ModelConfig, spec: LoraSpec, base_model: str
       tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.T)
       tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.T)
   adapter_config = {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": hub_id(base_model),
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": files.hub_id(base_model),
       "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
       "target_modules": sorted(spec.targets), "use_rslora": spec.rslora, "bias": "none",
       "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,

@@ -17,6 +17,7 @@ import numpy as np
 
 from anita_jax import files
 from anita_jax.errors import UserError
+from anita_jax.infer import score
 from anita_jax.model.llama import Llama, init_cache
 
 MIN_BUCKET = 16
@@ -77,10 +78,11 @@ def _generate(model: Llama, params, tokens_bp, segments_bp, stop_ids, rng, tempe
   lengths_b = segments_bp.sum(axis=1)
   kv_segments = jnp.concatenate([segments_bp, jnp.ones((b, max_new_tokens), jnp.int32)], axis=1)
   cache = init_cache(model.config, b, p + max_new_tokens, model.dtype)
-  logits, cache = model.apply({"params": params}, tokens_bp, positions_bp, segments_bp, cache=cache,
-                              cache_offset=0, kv_segment_ids_bs=kv_segments)
+  # The head only where a token is predicted: the prompt's last position (prompts are left-padded).
+  hidden, cache = model.apply({"params": params}, tokens_bp, positions_bp, segments_bp, cache=cache,
+                              cache_offset=0, kv_segment_ids_bs=kv_segments, logits=False)
   rng, step_rng = jax.random.split(rng)
-  token = _next_token(logits[:, -1], step_rng, greedy, temperature, top_k, top_p)
+  token = _next_token(score.head_logits(model, params, hidden[:, -1]), step_rng, greedy, temperature, top_k, top_p)
   out = jnp.full((b, max_new_tokens), -1, jnp.int32).at[:, 0].set(token)
   done = jnp.isin(token, stop_ids)
 
@@ -90,11 +92,12 @@ def _generate(model: Llama, params, tokens_bp, segments_bp, stop_ids, rng, tempe
 
   def body(state):
     i, token, cache, done, out, rng = state
-    logits, cache = model.apply(
+    hidden, cache = model.apply(
         {"params": params}, token[:, None], (lengths_b + i - 1)[:, None], jnp.ones((b, 1), jnp.int32),
-        cache=cache, cache_offset=p + i - 1, kv_segment_ids_bs=kv_segments)
+        cache=cache, cache_offset=p + i - 1, kv_segment_ids_bs=kv_segments, logits=False)
     rng, step_rng = jax.random.split(rng)
-    token = _next_token(logits[:, -1], step_rng, greedy, temperature, top_k, top_p)
+    token = _next_token(score.head_logits(model, params, hidden[:, -1]), step_rng, greedy, temperature, top_k,
+                        top_p)
     out = out.at[:, i].set(jnp.where(done, -1, token))
     done = done | jnp.isin(token, stop_ids)
     return i + 1, token, cache, done, out, rng

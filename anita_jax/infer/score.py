@@ -50,7 +50,7 @@ def head(model, params) -> tuple[Array, bool]:
 
 
 def head_logits(model, params, hidden_bcd: Array) -> Array:
-  """fp32 logits [B, C, V] of hidden states, as `Llama.__call__` computes them."""
+  """fp32 logits [..., V] of hidden states [..., D], as `Llama.__call__` computes them."""
   w, vocab_major = head(model, params)
   w = w.astype(model.dtype)
   return jnp.dot(hidden_bcd.astype(model.dtype), w.T if vocab_major else w).astype(jnp.float32)

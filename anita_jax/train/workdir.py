@@ -180,11 +180,14 @@ def merged_model(workdir: str, merge_into: str = "dequantized") -> str:
   return out
 
 
-def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: bool | None = True):
+def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: bool | None = True,
+               adapters: bool = True):
   """(Llama module, params on the default device, tokenizer, config) for any model PATH.
 
   A training workdir comes with its trained adapter (and, unless overridden, its own dtype and
-  quantization) and no optimizer state; other paths as `loading.load_model`.
+  quantization) and no optimizer state; other paths as `loading.load_model`. `adapters=False` runs a
+  workdir without its own trained adapter (earlier stages' frozen adapters stay on): the weights the stage
+  started from, on the base it imported (`state._BASE_CACHE`: no second import).
   """
   if not is_workdir(path):
     return loading.load_model(path, dtype=dtype, quant=quant, scan_layers=scan_layers)
@@ -200,7 +203,7 @@ def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: 
                     "quant.double_quant": quant.double_quant})
   stage = load_trained(path, mesh=_one_device_mesh(), config=C.replace(c, **changes))
   params = lora.combine(stage.state["params"], stage.frozen)
-  model = stage.model.clone(deterministic=True)
+  model = stage.model.clone(deterministic=True, adapters_enabled=adapters)
   if scan_layers is None:
     scan_layers = loading.decode_scan(stage.config.quant.type)
   if not scan_layers and model.scan_layers:
