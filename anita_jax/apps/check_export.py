@@ -2,8 +2,8 @@
 
 The workdir's model (its base in the stage's own quantization, every adapter on: `workdir.load_model`) and
 the merged export in transformers score the same chat prompt in the same dtype, and the logits of every
-position are compared. Ours runs first and is released before transformers loads the export: at 8B each
-side holds several GB.
+position are compared. Ours runs first, in a child process, so that all of its memory is back before
+transformers loads the export: at 8B each side holds several GB.
 
 What to expect: in float32 the two agree to about 1e-6 of the largest logit (the export is the workdir's
 dequantized base plus its adapters, merged in float32). In bfloat16 both sides round differently (ours
@@ -13,16 +13,15 @@ expect a relative difference of a few 1e-2 and argmax agreement at most position
 
 from __future__ import annotations
 
-import gc
+import multiprocessing
+import os
 import sys
+import tempfile
 
-import jax
 import numpy as np
 
 from anita_jax.convert import loading
 from anita_jax.errors import UserError
-from anita_jax.infer import generate as G
-from anita_jax.train import state as ST
 from anita_jax.train import workdir as W
 
 DEFAULT_PROMPT = "Ciao! Chi sei? Rispondi in italiano."
@@ -37,14 +36,25 @@ def chat_ids(export: str, prompt: str) -> list[int]:
 
 
 def our_logits(workdir: str, ids: list[int], dtype: str) -> np.ndarray:
-  """float32 logits [T, V] of the workdir's model computed in `dtype`; its arrays are released after."""
+  """float32 logits [T, V] of the workdir's model computed in `dtype`."""
   net, params, _, _ = W.load_model(workdir, dtype=dtype, scan_layers=None)
-  logits = np.asarray(net.apply({"params": params}, np.asarray([ids], np.int32))[0][0], np.float32)
-  del net, params
-  ST.release_base()
-  jax.clear_caches()
-  gc.collect()
-  return logits
+  return np.asarray(net.apply({"params": params}, np.asarray([ids], np.int32))[0][0], np.float32)
+
+
+def _save_our_logits(out: str, workdir: str, ids: list[int], dtype: str) -> None:
+  np.save(out, our_logits(workdir, ids, dtype), allow_pickle=False)
+
+
+def our_logits_apart(workdir: str, ids: list[int], dtype: str) -> np.ndarray:
+  """`our_logits` computed in a child process (its memory all returned when it exits)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "logits.npy")
+    child = multiprocessing.get_context("spawn").Process(target=_save_our_logits, args=(out, workdir, ids, dtype))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+      raise UserError(f"--workdir={workdir}: computing the workdir's logits failed (exit code {child.exitcode})")
+    return np.load(out, allow_pickle=False)
 
 
 def their_logits(export: str, ids: list[int], dtype: str) -> np.ndarray:
@@ -63,7 +73,7 @@ def compare(workdir: str, export: str, *, dtype: str = "float32", prompt: str = 
     raise UserError(f"--workdir={workdir}: not a training workdir (no config.json and checkpoints/)")
   ids = chat_ids(export, prompt)
   print(f"check_export: {len(ids)} tokens; the workdir's model in {dtype}", file=sys.stderr, flush=True)
-  ours = our_logits(workdir, ids, dtype)
+  ours = our_logits_apart(workdir, ids, dtype)
   print(f"check_export: {export} in transformers, {dtype}", file=sys.stderr, flush=True)
   theirs = their_logits(export, ids, dtype)
   if theirs.shape != ours.shape:

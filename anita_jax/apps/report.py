@@ -1,7 +1,8 @@
 """The recipe's report: each model's held-out numbers and answers, and the stages' training curves.
 
 scripts/anita.py evaluates the base model (as the stages see it: the first stage's quantization and
-compute dtype) and each stage's workdir with `evaluate_model`,
+compute dtype; the first stage's workdir with its adapter off, on the base that stage imported) and each
+stage's workdir with `evaluate_model`,
 turns each result into a row with `report_row` (the base result is the reference of every row) and
 writes `report.json`, `report.md` and `training_curves.png` with `write_report`.
 

@@ -132,11 +132,6 @@ def abstract_stage(c, model_config, mesh, tokenizer=None, base_path: str = "", *
 _BASE_CACHE: dict = {}
 
 
-def release_base() -> None:
-  """Drops the cached base (its arrays are freed once nothing else holds them)."""
-  _BASE_CACHE.clear()
-
-
 def _cached_base(key, load):
   if key not in _BASE_CACHE:
     _BASE_CACHE.clear()
