@@ -135,3 +135,41 @@ def test_quantized_decoding_keeps_one_layer_dequantized():
         f"dequantized {one_layer}")
   assert growth < one_layer / 10
   assert unrolled_growth >= 2 * one_layer  # why decode_scan: unrolled, every layer stays dequantized
+
+
+def test_bf16_decoding_on_cpu_keeps_the_vocab_tables_in_float32_and_no_copy_of_them(tiny_hf_dir):
+  """XLA:CPU converts a bf16 lm_head / embedding to a float32 copy hoisted out of the decoding loop (4.2 GB
+  for Llama-3-8B); `loading.load_model` keeps their bf16 values in float32 on CPU instead. The compiled
+  prefill + decode loop then holds no vocab-sized temporary, and the tables hold exactly bf16 values."""
+  import dataclasses
+
+  from flax import linen as nn
+
+  from anita_jax.model import config as cfg
+  from anita_jax.model import llama as M
+  from anita_jax.model import quant as Q
+  assert jax.default_backend() == "cpu"
+  net, params, _, _ = loading.load_model(tiny_hf_dir, dtype="bfloat16", quant="nf4")
+  table = np.asarray(params["embed_tokens"]["embedding"])
+  assert table.dtype == np.float32
+  np.testing.assert_array_equal(table, table.astype(jnp.bfloat16).astype(np.float32))
+
+  config = dataclasses.replace(cfg.PRESETS["llama3-8b"], num_layers=1, hidden_size=256, intermediate_size=512,
+                               num_heads=2, num_kv_heads=1, head_dim=128)
+  net = M.Llama(config, quant=Q.QuantSpec("nf4"), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  tokens, segments = jnp.zeros((1, 16), jnp.int32), jnp.ones((1, 16), jnp.int32)
+  abstract = nn.meta.unbox(jax.eval_shape(net.init, jax.random.key(0), tokens)["params"])
+  table_bytes = config.vocab_size * config.hidden_size * 4
+
+  def temps(table_dtype):
+    params = {**abstract,
+              "embed_tokens": {"embedding": jax.ShapeDtypeStruct((config.vocab_size, config.hidden_size), table_dtype)},
+              "lm_head": {"kernel": jax.ShapeDtypeStruct((config.hidden_size, config.vocab_size), table_dtype)}}
+    compiled = G._generate.lower(net, params, tokens, segments, jnp.asarray([2]), jax.random.key(0),
+                                 jnp.float32(0), jnp.int32(0), jnp.float32(1), max_new_tokens=4,
+                                 greedy=True).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  bf16_tables, float32_tables = temps(jnp.bfloat16), temps(jnp.float32)
+  print(f"decode temporaries: bf16 tables {bf16_tables}, float32 tables {float32_tables}; one table {table_bytes}")
+  assert float32_tables < table_bytes / 4 < bf16_tables

@@ -50,10 +50,17 @@ def head(model, params) -> tuple[Array, bool]:
 
 
 def head_logits(model, params, hidden_bcd: Array) -> Array:
-  """fp32 logits [..., V] of hidden states [..., D], as `Llama.__call__` computes them."""
-  w, vocab_major = head(model, params)
-  w = w.astype(model.dtype)
-  return jnp.dot(hidden_bcd.astype(model.dtype), w.T if vocab_major else w).astype(jnp.float32)
+  """fp32 logits [..., V] of hidden states [..., D], as `Llama.__call__` computes them (before it rounds
+  them to its dtype). A float32 head is used as it is, the hidden states cast up to it (the same product):
+  for bfloat16 on CPU `convert.loading` keeps the vocab tables in float32, because XLA:CPU would otherwise
+  convert the bf16 table to a float32 copy, hoisted out of the decoding loop."""
+  if model.config.tie_word_embeddings:
+    w, vocab_major = params["embed_tokens"]["embedding"], True
+  else:
+    w, vocab_major = params["lm_head"]["kernel"], False
+  if getattr(w, "dtype", None) != jnp.float32:
+    w = Q.dequantize(w, model.dtype)
+  return jnp.dot(hidden_bcd.astype(w.dtype), w.T if vocab_major else w, preferred_element_type=jnp.float32)
 
 
 def token_stats(model, params, batch, *, head_trainable: bool = False, chunk: int = 16, rngs=None,
