@@ -22,8 +22,25 @@ from anita_jax.errors import UserError
 
 NF4 = quant.QuantSpec("nf4", 64, double_quant=False)
 NF4_DQ = quant.QuantSpec("nf4", 64, double_quant=True)
-# torch's Vectorized<float> width: bitsandbytes' offset is a torch mean summed in these lanes.
-TORCH_LANES = 16 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 8
+
+
+def _torch_lanes() -> int:
+  """torch's Vectorized<float> width for its sum kernels (bitsandbytes' offset is a torch mean summed in
+  these lanes): 8 (AVX2) or 16 (AVX-512). `get_cpu_capability()` does not tell: it reports AVX512 on AMD
+  EPYC hosts whose reductions run 8 lanes. One probe sum where the two orders round differently decides."""
+  x = (np.random.default_rng(1).random(4099) * 300 + 0.3).astype(np.float32)
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  try:
+    ref = torch.from_numpy(x).mean().numpy()
+  finally:
+    torch.set_num_threads(threads)
+  by_lanes = {lanes: quant._torch_mean(x, lanes=lanes) for lanes in (8, 16)}
+  assert by_lanes[8] != by_lanes[16]  # the probe tells the two apart
+  return next((lanes for lanes, mean in by_lanes.items() if mean == ref), 0)
+
+
+TORCH_LANES = _torch_lanes()
 sums_like_torch = pytest.mark.skipif(
     TORCH_LANES != quant._TORCH_LANES,
     reason=f"torch sums {TORCH_LANES} floats per vector here; quant reproduces {quant._TORCH_LANES}")

@@ -190,8 +190,11 @@ def test_dpo_grad_accum_equals_one_big_batch(demo_config, tiny_hf_dir, pairs_fil
   small_adapter = exported_adapter(str(tmp_path / "small"), str(tmp_path / "small_export"))
   big_adapter = exported_adapter(str(tmp_path / "big"), str(tmp_path / "big_export"))
   assert small_adapter.keys() == big_adapter.keys()
+  # Adam divides each update by the root of its second moment, so the fp32 summation order of near-zero
+  # gradients moves a few adapter entries by a part of lr: 1.2e-4 relative measured on an AVX-512 host,
+  # below 1e-4 on AVX2 ones. Averaging wrongly (a sum, one micro-batch dropped) is off by O(1).
   for name in big_adapter:
-    assert rel(small_adapter[name], big_adapter[name]) <= 1e-4, name
+    assert rel(small_adapter[name], big_adapter[name]) <= 3e-4, name
 
 
 # ----------------------------------------------------------------------------------------------
