@@ -7,7 +7,8 @@ and imports only the standard library and `errors`.
   over `path` and its directory fsynced. A crash at any point leaves either the old file or the
   new one, never a mix; after a power loss the new one is there once `atomic_write` has returned.
   The file gets the mode `open(path, "w")` gives (0644 under umask 022), whatever mode the writer
-  gave its temporary file (safetensors writes 0600 ones).
+  gave its temporary file (safetensors writes 0600 ones). A URL `path`: `write` fills a local
+  temporary file, uploaded as one object once it is complete.
   `write_text` and `write_json` are the common cases.
 - `fsync_file` / `fsync_tree`: the flushes `atomic_write` does, for directories written whole
   (`convert.export.atomic_dir`).
@@ -15,13 +16,22 @@ and imports only the standard library and `errors`.
   problem is a `UserError` naming the file and the line.
 - `split_list(value)`: "a, b,,c" -> ["a", "b", "c"] (config fields and flags that hold lists).
 - `hub_id(path)`: `path` when it names a Hugging Face Hub model rather than a local file, else None.
+- Object stores: every path above and below may be a URL (`gs://bucket/run`, or anything fsspec opens):
+  `is_remote`, `absolute`, `exists` / `isfile` / `isdir`, `makedirs`, `read_bytes`, `upload_dir`, `local_copy`.
+  A URL file is written whole or not at all too (an object store replaces an object atomically), through a
+  local temporary file; a URL directory is read through a local copy made once per process. fsspec (and
+  gcsfs for gs://) are imported only when a URL is used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -82,8 +92,14 @@ def atomic_write(path: str, write: Callable[[str], Any]) -> None:
 
   `tmp` is fsynced, renamed over `path` (os.replace) and the directory fsynced. On any exception
   (KeyboardInterrupt included) `tmp` is removed and an existing `path` is left as it was. The
-  directory must exist. The file's mode is `default_mode()`.
+  directory must exist. The file's mode is `default_mode()`. A URL: see `_upload`.
   """
+  if is_remote(path):
+    with tempfile.TemporaryDirectory(prefix="anita-upload-") as directory:
+      tmp = os.path.join(directory, os.path.basename(path))
+      write(tmp)
+      _upload(tmp, path)
+    return
   tmp = temporary_path(path)
   try:
     write(tmp)
@@ -130,8 +146,7 @@ def read_jsonl(path: str, *, data: bytes | None = None, skip_cut_last_line: bool
   """
   if data is None:
     try:
-      with open(path, "rb") as f:
-        data = f.read()
+      data = read_bytes(path)
     except FileNotFoundError:
       raise UserError(f"{path}: no such file") from None
     except OSError as e:
@@ -184,3 +199,111 @@ def hub_id(path: str | None) -> str | None:
   if path.count("/") == 1 and not path.startswith((".", "/", "~")) and not path.endswith(".gguf"):
     return path
   return None
+
+
+# Object stores --------------------------------------------------------------------------------------
+
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
+
+
+def is_remote(path) -> bool:
+  """True for a URL such as gs://bucket/dir (not file://, which is a local path)."""
+  return isinstance(path, str) and bool(_URL.match(path)) and not path.startswith("file://")
+
+
+def _fs(url: str):
+  """(fsspec file system, path within it) of a URL."""
+  import fsspec
+  try:
+    return fsspec.core.url_to_fs(url)
+  except (ImportError, ValueError) as e:
+    raise UserError(f"{url}: cannot open this URL ({e}); for gs:// install gcsfs (requirements.txt)") from None
+
+
+def absolute(path: str) -> str:
+  """`os.path.abspath` of a local path; a URL as it is."""
+  return path if is_remote(path) else os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+  if not is_remote(path):
+    return os.path.exists(path)
+  fs, p = _fs(path)
+  return fs.exists(p)
+
+
+def isfile(path: str) -> bool:
+  if not is_remote(path):
+    return os.path.isfile(path)
+  fs, p = _fs(path)
+  return fs.isfile(p)
+
+
+def isdir(path: str) -> bool:
+  """A local directory, or a URL prefix with at least one object under it (object stores have no empty
+  directories)."""
+  if not is_remote(path):
+    return os.path.isdir(path)
+  fs, p = _fs(path)
+  return fs.isdir(p)
+
+
+def makedirs(path: str) -> None:
+  """`os.makedirs(path, exist_ok=True)`; nothing to do for a URL (its objects make their prefix)."""
+  if not is_remote(path):
+    os.makedirs(path, exist_ok=True)
+
+
+def read_bytes(path: str) -> bytes:
+  """The file's bytes (FileNotFoundError when there is none)."""
+  if not is_remote(path):
+    with open(path, "rb") as f:
+      return f.read()
+  fs, p = _fs(path)
+  with fs.open(p, "rb") as f:
+    return f.read()
+
+
+def _upload(local: str, url: str) -> None:
+  fs, p = _fs(url)
+  try:
+    fs.put_file(local, p)
+  except OSError as e:
+    raise UserError(f"{url}: cannot write ({e})") from e
+
+
+def upload_dir(local: str, url: str) -> None:
+  """Copies the local directory `local` to the URL `url`, file by file; files named `config.json` last,
+  so a reader that goes by them never finds a model whose weights are still on their way. Objects under
+  `url` that `local` does not have are then deleted."""
+  names = sorted((os.path.relpath(os.path.join(d, n), local) for d, _, ns in os.walk(local) for n in ns),
+                 key=lambda n: (os.path.basename(n) == "config.json", n))
+  fs, root = _fs(url)
+  for name in names:
+    _upload(os.path.join(local, name), url.rstrip("/") + "/" + name)
+  if fs.isdir(root):
+    keep = {root.rstrip("/") + "/" + n for n in names}
+    stale = [p for p in fs.find(root) if p not in keep]
+    if stale:
+      fs.rm(stale)
+
+
+@functools.lru_cache(maxsize=16)
+def local_copy(url: str) -> str:
+  """A local copy of the file or directory `url`, downloaded once per process into a temporary directory
+  (removed at exit): what readers that need local files (safetensors, GGUF, tokenizers) open."""
+  import atexit
+  fs, p = _fs(url)
+  if not fs.exists(p):
+    raise UserError(f"{url}: no such file or directory")
+  directory = tempfile.mkdtemp(prefix="anita-download-")
+  atexit.register(shutil.rmtree, directory, ignore_errors=True)
+  out = os.path.join(directory, os.path.basename(p.rstrip("/")) or "root")
+  try:
+    if fs.isdir(p):
+      fs.get(p.rstrip("/") + "/", out, recursive=True)
+    else:
+      fs.get_file(p, out)
+  except OSError as e:
+    raise UserError(f"{url}: cannot read ({e})") from e
+  return out

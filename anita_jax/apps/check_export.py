@@ -20,6 +20,7 @@ import tempfile
 
 import numpy as np
 
+from anita_jax import files
 from anita_jax.convert import loading
 from anita_jax.errors import UserError
 from anita_jax.train import workdir as W
@@ -71,6 +72,8 @@ def compare(workdir: str, export: str, *, dtype: str = "float32", prompt: str = 
   logits in transformers against the workdir's, `relative` = max |difference| / max |logit| (ours)."""
   if not W.is_workdir(workdir):
     raise UserError(f"--workdir={workdir}: not a training workdir (no config.json and checkpoints/)")
+  if files.is_remote(export):
+    export = files.local_copy(export)
   ids = chat_ids(export, prompt)
   print(f"check_export: {len(ids)} tokens; the workdir's model in {dtype}", file=sys.stderr, flush=True)
   ours = our_logits_apart(workdir, ids, dtype)

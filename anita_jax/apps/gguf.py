@@ -7,6 +7,7 @@ import os
 
 import jax
 
+from anita_jax import files
 from anita_jax.convert import gguf_export, loading, modelfile
 from anita_jax.model import lora
 from anita_jax.train import workdir as W
@@ -43,5 +44,5 @@ def export_gguf(path: str, outputs: dict[str, str], *, merge_into: str = "dequan
                            name=name, progress=progress)
   if modelfile_for is not None:
     out = outputs[modelfile_for]
-    modelfile.write_modelfile(os.path.join(os.path.dirname(os.path.abspath(out)), "Modelfile"), out, tokenizer,
+    modelfile.write_modelfile(os.path.join(os.path.dirname(files.absolute(out)), "Modelfile"), out, tokenizer,
                               config, system=system, generation=generation)

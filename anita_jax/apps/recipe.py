@@ -62,14 +62,14 @@ def run_recipe(recipe: ml_collections.ConfigDict, workdir: str) -> None:
     raise UserError(f"--config: a recipe config needs the stages {', '.join(STAGES)}; '{missing[0]}' is missing "
                     "(give a recipe config without an ARG)")
   ggufs = gguf_files(recipe, workdir)
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   previous, trained = None, False
   for name in STAGES:
     c = recipe[name]
     if previous is not None:
       c.init_from = previous
     stage_dir = os.path.join(workdir, name)
-    if os.path.isfile(_done_path(stage_dir)):
+    if files.isfile(_done_path(stage_dir)):
       _say(f"== stage {name}: finished earlier, skipped ({stage_dir})")
     else:
       with _phase(f"stage {name} -> {stage_dir}"):
@@ -78,17 +78,17 @@ def run_recipe(recipe: ml_collections.ConfigDict, workdir: str) -> None:
     previous = stage_dir
   last = recipe[STAGES[-1]]
   hf_dir = os.path.join(workdir, "hf")
-  exported = not os.path.isfile(os.path.join(hf_dir, "config.json"))
+  exported = not files.isfile(os.path.join(hf_dir, "config.json"))
   if exported:
     with _phase(f"export -> {hf_dir}"):
       W.export_workdir(previous, hf_dir, dtype=last.model.dtype)
-  missing = {t: f for t, f in ggufs.items() if not os.path.isfile(f)}
+  missing = {t: f for t, f in ggufs.items() if not files.isfile(f)}
   if missing:
     first = next(iter(ggufs))
     with _phase(f"gguf -> {', '.join(missing.values())}"):
       gguf.export_gguf(previous, missing, modelfile_for=first if first in missing else None, progress=True)
     exported = True
-  if not (trained or exported) and os.path.isfile(os.path.join(workdir, "report.md")):
+  if not (trained or exported) and files.isfile(os.path.join(workdir, "report.md")):
     _say(f"== report: {os.path.join(workdir, 'report.md')} is up to date (no stage ran), skipped")
     return
   with _phase("report"):

@@ -210,7 +210,7 @@ def read_metrics(workdir: str) -> list[dict]:
   A last line cut short (a run killed mid-write) is ignored.
   """
   path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise UserError(f"{path}: no such file (the stage logged no step)")
   by_step: dict[int, dict] = {}
   for number, row in files.read_jsonl(path, skip_cut_last_line=True):
@@ -416,7 +416,7 @@ def write_report(out_dir: str, rows: Sequence[dict], curves: dict[str, list[dict
   run: shell commands that run the exported model (a section of report.md).
   """
   rows = _check_rows(rows)
-  os.makedirs(out_dir, exist_ok=True)
+  files.makedirs(out_dir)
   summaries = {stage: summarize_curve(r) for stage, r in curves.items()}
   report = {"models": _jsonable(rows), "curves": _jsonable(summaries), "definitions": definitions(beta)}
   files.write_json(os.path.join(out_dir, "report.json"), report, sort_keys=False, ensure_ascii=False)

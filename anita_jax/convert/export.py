@@ -21,6 +21,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,7 +75,15 @@ def atomic_dir(out_dir: str) -> Iterator[str]:
   On an exception the temporary directory is deleted and `out_dir` (if it
   existed) is left untouched. On success an existing `out_dir` is moved aside,
   the new one renamed into place, and only then the old one deleted.
+
+  A URL `out_dir` (gs://...): the directory is written locally, then uploaded file by file with its
+  config.json files last (`files.upload_dir`); an object store has no directory to rename.
   """
+  if files.is_remote(out_dir):
+    with tempfile.TemporaryDirectory(prefix="anita-export-") as tmp:
+      yield tmp
+      files.upload_dir(tmp, out_dir)
+    return
   out_dir = os.path.abspath(out_dir)
   if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
     raise UserError(f"{out_dir}: exists and is not a directory")

@@ -330,11 +330,10 @@ def write_gguf(out_file: str, config: ModelConfig, params: dict, tokenizer, *, t
   import gguf
   check_type(type)
   check_config(config, out_file)
-  out_file = os.path.abspath(out_file)
-  if os.path.isdir(out_file):
+  out_file = files.absolute(out_file)
+  if files.isdir(out_file):
     raise UserError(f"{out_file}: is a directory (--output names the .gguf file)")
-  if not os.path.isdir(os.path.dirname(out_file)):
-    os.makedirs(os.path.dirname(out_file), exist_ok=True)
+  files.makedirs(os.path.dirname(out_file))
   name = name or os.path.basename(out_file).removesuffix(".gguf")
   plan = tensor_plan(config, type)
   progress = progress and sys.stderr.isatty()

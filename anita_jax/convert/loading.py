@@ -29,7 +29,10 @@ def embedded_default_path() -> str:
 
 
 def _resolve(path: str) -> str:
-  """A local file or directory for PATH; hub ids are downloaded (safetensors and JSON only)."""
+  """A local file or directory for PATH; hub ids are downloaded (safetensors and JSON only), URLs
+  (gs://...) copied once per process (`files.local_copy`)."""
+  if files.is_remote(path):
+    return files.local_copy(path)
   if os.path.exists(path):
     return path
   if files.hub_id(path) is None:

@@ -146,8 +146,8 @@ def stop_tokens(tokenizer, config: ModelConfig, kind: str | None) -> list[str]:
 def modelfile_text(gguf_file: str, tokenizer, config: ModelConfig, *, system: str | None = None,
                    generation: dict | None = None, relative_to: str | None = None) -> str:
   """The Modelfile for `gguf_file`; FROM is relative to the directory `relative_to` when the file is in it."""
-  source = os.path.abspath(gguf_file)
-  if relative_to and os.path.dirname(source) == os.path.abspath(relative_to):
+  source = files.absolute(gguf_file)
+  if relative_to and os.path.dirname(source) == files.absolute(relative_to):
     source = "./" + os.path.basename(source)
   kind = chat_format(tokenizer)
   lines = [f"FROM {source}"]
@@ -170,4 +170,4 @@ def write_modelfile(path: str, gguf_file: str, tokenizer, config: ModelConfig, *
   generation: a transformers generation config dict (sampling defaults); None writes none.
   """
   files.write_text(path, modelfile_text(gguf_file, tokenizer, config, system=system, generation=generation,
-                                        relative_to=os.path.dirname(os.path.abspath(path))))
+                                        relative_to=os.path.dirname(files.absolute(path))))

@@ -153,7 +153,8 @@ def load_rows(sources: str | Sequence[str], *, split: str = "train", config_name
   """Rows of every source, concatenated in order, each validated for its format.
 
   A source is a local .json / .jsonl / .parquet file, a directory of them (sorted, recursive: one
-  split made of all its files, as `datasets` does), or a hub dataset id loaded with
+  split made of all its files, as `datasets` does), either of them on gs:// (read from a local copy), or a
+  hub dataset id loaded with
   `datasets.load_dataset(id, config_name, split=split)`. A local source has the one split `train`,
   and slices of the split (`train[:100]`, `train[10%:20%]`) apply to it as to a hub dataset.
   `max_rows` caps each source after the split. `fmt='auto'` detects the format per source from the
@@ -166,7 +167,13 @@ def load_rows(sources: str | Sequence[str], *, split: str = "train", config_name
     raise UserError("no data sources given")
   rows: list[Row] = []
   for source in sources:
-    if os.path.exists(source):
+    if files.is_remote(source):  # gs://...: read from a local copy, rows named by their URL
+      local = files.local_copy(source)
+      raw = [Row(source + path[len(local):], number, data) for path in _local_files(local)
+             for number, data in _read_file(path)]
+      raw = [r for start, stop in _split_ranges(split, len(raw), source) for r in raw[start:stop]]
+      raw = raw[:max_rows] if max_rows is not None else raw
+    elif os.path.exists(source):
       raw = [Row(path, number, data) for path in _local_files(source) for number, data in _read_file(path)]
       raw = [r for start, stop in _split_ranges(split, len(raw), source) for r in raw[start:stop]]
       raw = raw[:max_rows] if max_rows is not None else raw

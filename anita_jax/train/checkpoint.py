@@ -2,8 +2,8 @@
 
 The frozen base is not saved: it is reloaded (and re-quantized) from the
 stage's base model. A checkpoint becomes visible only once orbax has finished
-writing it (temporary directory, then rename), so a crash mid-save never
-leaves a checkpoint that is taken for complete.
+writing it (temporary directory, then rename; on gs:// a commit marker written
+last), so a crash mid-save never leaves a checkpoint that is taken for complete.
 """
 
 from __future__ import annotations
@@ -13,13 +13,16 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from anita_jax import files
 from anita_jax.errors import UserError
 
 
 class Checkpoints:
 
   def __init__(self, workdir: str, keep: int):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    # orbax writes a gs:// workdir itself (tensorstore and etils.epath); there a step is complete once its
+    # commit_success.txt is written, as object stores have no atomic rename.
+    self.directory = os.path.join(files.absolute(workdir), "checkpoints")
     self._manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "data"),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,

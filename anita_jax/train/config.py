@@ -242,9 +242,8 @@ def read_config(workdir: str) -> StageConfig:
   """The StageConfig a training workdir was made with (its config.json)."""
   path = os.path.join(workdir, "config.json")
   try:
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
+    saved = json.loads(files.read_bytes(path))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise UserError(f"{path}: not a readable workdir config ({e})") from None
   try:
     return from_dict(saved)

@@ -19,6 +19,7 @@ The SFT term is then the token mean over the step's chosen completions.
 from __future__ import annotations
 
 import functools
+import io
 import os
 
 import jax
@@ -173,8 +174,8 @@ def reference_logps(stage, examples, batch_size: int, max_length: int, pad_id: i
 def cached_reference(stage, it, workdir: str) -> np.ndarray:
   """The reference log-probs of every training pair, from WORKDIR/reference_logps.npy or computed and saved."""
   path = os.path.join(workdir, REFERENCE_FILE)
-  if os.path.isfile(path):
-    ref = np.load(path, allow_pickle=False)
+  if files.isfile(path):
+    ref = np.load(io.BytesIO(files.read_bytes(path)), allow_pickle=False)
     if ref.shape == (len(it.examples), 2):
       return ref
   c = stage.config

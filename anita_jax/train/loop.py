@@ -52,10 +52,9 @@ def build_data(c: C.StageConfig, tokenizer, *, source: str = "train", num_proces
 def _check_resume(c, workdir: str) -> None:
   """A workdir resumes only the run it was made for: same base model, LoRA shape, quantization."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not files.isfile(path) or not files.isdir(os.path.join(workdir, "checkpoints")):
     return
-  with open(path, encoding="utf-8") as f:
-    old = json.load(f)
+  old = json.loads(files.read_bytes(path))
   for field in ("stage", "init_from", "init_as", "merge_into", "model.path", "lora.rank", "lora.targets", "lora.rslora",
                 "lora.alpha", "quant.type", "quant.block_size", "quant.double_quant", "model.scan_layers",
                 "train.trainable"):
@@ -137,7 +136,7 @@ def train_and_evaluate(c, workdir: str, stop_after: int | None = None) -> dict:
   per_epoch = train_iter.steps_for_epochs(c.train.epochs) // c.train.grad_accum
   total = c.train.steps or max(per_epoch, 1)
 
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   if index == 0:
     files.write_json(os.path.join(workdir, "config.json"), C.to_dict(c))
   checkpoints = Checkpoints(workdir, c.checkpoint.keep)

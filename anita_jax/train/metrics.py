@@ -1,13 +1,23 @@
-"""Training metrics: `metrics.jsonl`, TensorBoard event files and a progress line on the terminal."""
+"""Training metrics: `metrics.jsonl`, TensorBoard event files and a progress line on the terminal.
+
+In a gs:// workdir, where objects cannot be appended to, `metrics.jsonl` is rewritten whole at each
+logged step and TensorBoard writes into a local temporary directory whose event file is uploaded after
+each flush (whole-object writes: a reader never sees a cut row).
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
+
+from anita_jax import files
 
 
 def _duration(seconds: float) -> str:
@@ -40,9 +50,18 @@ class MetricsWriter:
       return
     from tensorboardX import SummaryWriter
     path = os.path.join(workdir, "metrics.jsonl")
-    _drop_cut_last_line(path)
-    self._jsonl = open(path, "a", encoding="utf-8")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._remote = path if files.is_remote(path) else None
+    self._tb_remote = self._tb_local = None
+    if self._remote:
+      old = files.read_bytes(path) if files.isfile(path) else b""
+      self._jsonl = io.StringIO(old[:old.rfind(b"\n") + 1].decode("utf-8"))
+      self._jsonl.seek(0, io.SEEK_END)
+      self._tb_remote, self._tb_local = os.path.join(workdir, "tensorboard"), tempfile.mkdtemp(prefix="anita-tb-")
+      self._tb = SummaryWriter(self._tb_local)
+    else:
+      _drop_cut_last_line(path)
+      self._jsonl = open(path, "a", encoding="utf-8")
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -54,6 +73,11 @@ class MetricsWriter:
       if k != "step":
         self._tb.add_scalar(k, v, step)
     self._tb.flush()
+    if self._remote:
+      files.write_text(self._remote, self._jsonl.getvalue())
+      for name in os.listdir(self._tb_local):
+        files.atomic_write(os.path.join(self._tb_remote, name),
+                           lambda tmp, name=name: shutil.copyfile(os.path.join(self._tb_local, name), tmp))
 
   def progress(self, step: int, metrics: dict) -> None:
     """One line on stderr: step, loss, lr, tokens/s, ETA."""
@@ -75,3 +99,5 @@ class MetricsWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+      if self._tb_local:
+        shutil.rmtree(self._tb_local, ignore_errors=True)

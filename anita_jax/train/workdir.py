@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
+from anita_jax import files
 from anita_jax.convert import export
 from anita_jax.convert import loading
 from anita_jax.errors import UserError
@@ -31,8 +32,7 @@ def model_path(path: str) -> str:
 
 
 def is_workdir(path: str) -> bool:
-  return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
-      os.path.join(path, "checkpoints"))
+  return files.isfile(os.path.join(path, "config.json")) and files.isdir(os.path.join(path, "checkpoints"))
 
 
 def base_model_path(c: C.StageConfig) -> str:
@@ -168,8 +168,8 @@ def export_workdir(workdir: str, out: str, *, merged: bool = True, adapter: bool
 
 def merged_model(workdir: str, merge_into: str = "dequantized") -> str:
   """The cached merged model of a finished stage, written on first use."""
-  out = os.path.join(os.path.abspath(workdir), "merged" if merge_into == "dequantized" else "merged-original")
-  if os.path.isfile(os.path.join(out, "config.json")):
+  out = os.path.join(files.absolute(workdir), "merged" if merge_into == "dequantized" else "merged-original")
+  if files.isfile(os.path.join(out, "config.json")):
     return out
   stage = load_trained(workdir)
   params = merged_params(stage, merge_into, "float32")
