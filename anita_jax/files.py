@@ -225,27 +225,26 @@ def absolute(path: str) -> str:
   return path if is_remote(path) else os.path.abspath(path)
 
 
-def exists(path: str) -> bool:
+def _ask(path: str, local: Callable[[str], bool], name: str) -> bool:
+  """`local(path)` for a local path, else the fsspec file system's method `name` on the URL."""
   if not is_remote(path):
-    return os.path.exists(path)
+    return local(path)
   fs, p = _fs(path)
-  return fs.exists(p)
+  return getattr(fs, name)(p)
+
+
+def exists(path: str) -> bool:
+  return _ask(path, os.path.exists, "exists")
 
 
 def isfile(path: str) -> bool:
-  if not is_remote(path):
-    return os.path.isfile(path)
-  fs, p = _fs(path)
-  return fs.isfile(p)
+  return _ask(path, os.path.isfile, "isfile")
 
 
 def isdir(path: str) -> bool:
   """A local directory, or a URL prefix with at least one object under it (object stores have no empty
   directories)."""
-  if not is_remote(path):
-    return os.path.isdir(path)
-  fs, p = _fs(path)
-  return fs.isdir(p)
+  return _ask(path, os.path.isdir, "isdir")
 
 
 def makedirs(path: str) -> None:

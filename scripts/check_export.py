@@ -13,7 +13,7 @@ _EXPORT = flags.DEFINE_string("export", None, "Its merged HF export (scripts/exp
                               required=True)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of both sides.")
 _PROMPT = flags.DEFINE_string("prompt", check_export.DEFAULT_PROMPT, "The user turn, in the chat template.")
-_RTOL = flags.DEFINE_float("rtol", None, "Exit 1 when max |difference| / max |logit| exceeds this "
+_RTOL = flags.DEFINE_float("rtol", None, "Fail (one error line, exit 2) when max |difference| / max |logit| exceeds this "
                            "(default: 1e-5 in float32, 0.1 in bfloat16).")
 
 

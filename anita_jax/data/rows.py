@@ -167,14 +167,11 @@ def load_rows(sources: str | Sequence[str], *, split: str = "train", config_name
     raise UserError("no data sources given")
   rows: list[Row] = []
   for source in sources:
-    if files.is_remote(source):  # gs://...: read from a local copy, rows named by their URL
-      local = files.local_copy(source)
+    if files.is_remote(source) or os.path.exists(source):
+      # gs://...: read from a local copy; rows are named by the source's own paths either way
+      local = files.local_copy(source) if files.is_remote(source) else source
       raw = [Row(source + path[len(local):], number, data) for path in _local_files(local)
              for number, data in _read_file(path)]
-      raw = [r for start, stop in _split_ranges(split, len(raw), source) for r in raw[start:stop]]
-      raw = raw[:max_rows] if max_rows is not None else raw
-    elif os.path.exists(source):
-      raw = [Row(path, number, data) for path in _local_files(source) for number, data in _read_file(path)]
       raw = [r for start, stop in _split_ranges(split, len(raw), source) for r in raw[start:stop]]
       raw = raw[:max_rows] if max_rows is not None else raw
     elif _looks_like_hub_id(source):
