@@ -146,6 +146,10 @@ def test_sigkill_at_five_points_and_sigterm_resume_exactly(tiny_hf_dir, tmp_path
   assert steps_on_disk(broken) == [4, 6]
   finished = crash(None, expect_code=0)
   assert "Traceback" not in finished.stderr
+  timing = [line for line in finished.stderr.splitlines() if line.startswith("sft wall time: ")]
+  assert len(timing) == 1, finished.stderr[-3000:]
+  for phase in ("import", "data", "state", "compile + first step", "steps", "checkpoints"):
+    assert f" {phase} " in timing[0], timing
 
   jax.tree.map(np.testing.assert_array_equal, adapters_of(broken), adapters_of(straight))
   # Every step logged once more after each resume; the last row of a step wins and equals the straight run.

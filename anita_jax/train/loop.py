@@ -81,6 +81,22 @@ def evaluate(stage: ST.Stage, params, eval_iter, eval_fn) -> dict:
   return STEP.objective(stage.config.stage).eval_metrics(totals)
 
 
+class _Clock:
+  """Wall time per phase of a stage run, printed as one line at its end (where the time of a big stage goes)."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+    self._mark = time.time()
+
+  def lap(self, phase: str) -> None:
+    now = time.time()
+    self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._mark
+    self._mark = now
+
+  def line(self, stage: str) -> str:
+    return f"{stage} wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+
+
 class _Preemption:
   """SIGTERM (what Cloud TPU sends before preempting a VM) asks for a checkpoint at the next step boundary.
 
@@ -119,8 +135,10 @@ def train_and_evaluate(c, workdir: str, stop_after: int | None = None) -> dict:
   c = C.freeze(c)
   C.validate(c)
   _check_resume(c, workdir)
+  clock = _Clock()
   processes, index = jax.process_count(), jax.process_index()
   stage = ST.build_stage(c, W.base_model_path(c), frozen_adapters=W.frozen_adapters(c))
+  clock.lap("import")
   obj = STEP.objective(c.stage)
   shards = stage.mesh.shape["data"] * stage.mesh.shape["fsdp"]
   if c.train.batch_size % shards:
@@ -133,6 +151,7 @@ def train_and_evaluate(c, workdir: str, stop_after: int | None = None) -> dict:
     eval_iter, eval_stats = build_data(c, stage.tokenizer, source="eval", num_processes=processes,
                                        process_index=index, batch_size=min(c.train.batch_size, 8 * processes))
     print(f"eval data: {eval_stats}", file=sys.stderr, flush=True)
+  clock.lap("data")
   per_epoch = train_iter.steps_for_epochs(c.train.epochs) // c.train.grad_accum
   total = c.train.steps or max(per_epoch, 1)
 
@@ -144,16 +163,19 @@ def train_and_evaluate(c, workdir: str, stop_after: int | None = None) -> dict:
   state, data_state = ST.restore_latest(stage, checkpoints)
   if data_state is not None:
     train_iter.restore((data_state["epoch"], data_state["index"]))
+  clock.lap("state")
   prepared = obj.prepare(stage, train_iter, workdir)
+  clock.lap("prepare")  # DPO: the reference log-probs, when precomputed
   data_sharding = STEP.data_shardings(stage)
   step_fn = STEP.compile_step(stage, tx, data_sharding)
   eval_fn = STEP.compile_eval(stage)
   writer = MetricsWriter(workdir, total)
   rng = jax.random.key(c.train.seed + 1)
   last: dict = {}
-  step = int(state["step"])
+  step = first = int(state["step"])
   if step == 0 and eval_iter is not None and c.train.eval_on_start:
     writer.write(0, evaluate(stage, state["params"], eval_iter, eval_fn))
+    clock.lap("eval")
   # Non-finite steps since the last sync, counted on device: no host sync per step.
   skipped, first_bad = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
   skipped_total = 0
@@ -165,6 +187,9 @@ def train_and_evaluate(c, workdir: str, stop_after: int | None = None) -> dict:
       batch = {k: S.place_local(v, data_sharding[k]) for k, v in local.items()}
       state, metrics = step_fn(state, stage.frozen, batch, rng)
       step += 1
+      if step == first + 1:  # jit compiles on the first call
+        jax.block_until_ready(metrics)
+        clock.lap("compile + first step")
       bad = jnp.logical_not(metrics.pop("finite"))
       first_bad = jnp.where(bad & (skipped == 0), step, first_bad)
       skipped = skipped + bad.astype(jnp.int32)
@@ -192,20 +217,29 @@ def train_and_evaluate(c, workdir: str, stop_after: int | None = None) -> dict:
         if skipped_total:
           last["skipped_steps"] = float(skipped_total)
         started, tokens = time.time(), 0.0
+        clock.lap("steps")
         if eval_iter is not None and (is_last or (c.train.eval_every and step % c.train.eval_every == 0)):
           last.update(evaluate(stage, state["params"], eval_iter, eval_fn))
+          clock.lap("eval")
         writer.write(step, last)
         writer.progress(step, last)
       if saving:
         epoch, batch_index = train_iter.state()
+        jax.block_until_ready(state)
+        clock.lap("steps")
         checkpoints.save(step, state, {"epoch": epoch, "index": batch_index}, force=True)
+        clock.lap("checkpoints")
       if preempted:
         raise Preempted(f"{workdir}: SIGTERM received; saved the checkpoint of step {step}; re-run the same "
                         "command to resume")
       if stopping:
         break
   finally:
+    clock.lap("steps")  # nothing since the last lap, unless the loop ended early
     preemption.close()
     writer.close()
     checkpoints.close()
+    clock.lap("checkpoints")  # closing waits for the last save
+  if index == 0:
+    print(clock.line(c.stage), file=sys.stderr, flush=True)
   return last
