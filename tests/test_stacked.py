@@ -104,3 +104,29 @@ def test_three_stacked_stages_export_as_one_peft_adapter(demo_config, tiny_hf_di
   # scripts/check_export.py's comparison (a chat prompt through the export's tokenizer) agrees
   checked = check_export.compare(previous, str(tmp_path / "hf"), dtype="float32")
   assert checked["relative"] <= 1e-5 and checked["argmax_agreement"] == 1.0, checked
+
+
+def test_merge_into_original_is_the_original_plus_the_adapter_in_peft(demo_config, tiny_hf_dir, tmp_path):
+  """`merge_into=original`: the trained adapter merged into the original (unquantized) base, read one matrix at a
+  time from its safetensors; equal to PEFT's merge_and_unload of the exported adapter on that base."""
+  import os
+
+  import peft
+  import torch
+  import transformers
+  from safetensors.numpy import load_file
+  T.train_and_evaluate(stage(demo_config, "sft", tiny_hf_dir, "nf4"), str(tmp_path / "sft"))
+  W.export_workdir(str(tmp_path / "sft"), str(tmp_path / "hf"), dtype="float32", merge_into="original")
+  base = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
+  with torch.no_grad():
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "hf" / "adapter")).merge_and_unload().state_dict()
+  ours = load_file(str(tmp_path / "hf" / "model.safetensors"))
+  original = load_file(os.path.join(tiny_hf_dir, "model.safetensors"))
+  assert sorted(ours) == sorted(k for k in theirs if k != "lm_head.weight")  # tied embeddings
+  moved = set()
+  for name, value in ours.items():
+    want = theirs[name].numpy()
+    np.testing.assert_allclose(value, want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=name)
+    if not np.array_equal(value, original[name]):
+      moved.add(name)
+  assert len(moved) == 2 * 7 and all(name.endswith("_proj.weight") for name in moved)  # not the NF4 base

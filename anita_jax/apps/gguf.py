@@ -14,19 +14,19 @@ from anita_jax.train import workdir as W
 
 
 def merged(path: str, merge_into: str = "dequantized"):
-  """(config, params merged in float32 (kernels read one matrix at a time: `lora.merge_lazily`), tokenizer,
-  scan_layers, generation defaults or None)."""
+  """(config, params merged in float32 or as stored (kernels read one matrix at a time: `lora.merge_lazily`,
+  `hf.StoredTensor`), tokenizer, scan_layers, generation defaults or None)."""
   path = W.model_path(path)
   if W.is_workdir(path):
     stage = W.load_trained(path)
     params = W.merged_params(stage, merge_into, "float32")
     return (stage.model_config, params, stage.tokenizer, stage.config.model.scan_layers,
             W.generation_defaults(stage.config))
-  model, params, tokenizer, config = loading.load_model(path, dtype="float32", quant="none", scan_layers=False)
-  if model.lora is not None:  # a PEFT directory: its adapter merged into the base
-    params = lora.merge_lazily(params, model.lora)
+  config, params, tokenizer, spec = loading.stored_model(path)  # read one matrix at a time
+  if spec is not None:  # a PEFT directory: its adapter merged into the base
+    params = lora.merge_lazily(params, spec)
   generation = modelfile.generation_config(path) if os.path.isdir(path) else None
-  return config, params, tokenizer, False, generation
+  return config, params, tokenizer, True, generation
 
 
 def export_gguf(path: str, outputs: dict[str, str], *, merge_into: str = "dequantized", modelfile_for: str | None = None,

@@ -9,6 +9,7 @@ leaves of that form, so host memory stays near one copy of the final parameters.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -146,11 +147,7 @@ def build_params(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
       continue
     if name == "lm_head.weight" and config.tie_word_embeddings:
       continue  # a tied checkpoint may still store the shared matrix twice
-    if name not in expected:
-      raise UserError(f"{source}: unexpected tensor '{name}' for this architecture")
-    if tuple(array.shape) != expected[name]:
-      raise UserError(f"{source}: tensor '{name}' has shape {tuple(array.shape)}, "
-                      f"expected {expected[name]}")
+    _check_tensor(name, array.shape, expected, source)
     seen.add(name)
     path, layer, transpose = _target(name)
     array = _as_read(np.asarray(array), dtype)
@@ -171,11 +168,22 @@ def build_params(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
       if filled[full] == config.num_layers:
         _set(params, full, transform.place(full, stacks.pop(full)))
     del node  # and the host node before the next tensor is read
+  _check_complete(expected, seen, source)
+  return params
+
+
+def _check_tensor(name: str, shape, expected: dict, source: str) -> None:
+  if name not in expected:
+    raise UserError(f"{source}: unexpected tensor '{name}' for this architecture")
+  if tuple(shape) != expected[name]:
+    raise UserError(f"{source}: tensor '{name}' has shape {tuple(shape)}, expected {expected[name]}")
+
+
+def _check_complete(expected: dict, seen: set, source: str) -> None:
   missing = sorted(set(expected) - seen, key=_natural)
   if missing:
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
     raise UserError(f"{source}: tensor '{missing[0]}' is missing{more}")
-  return params
 
 
 def _natural(name: str):
@@ -209,17 +217,77 @@ def safetensors_files(directory: str) -> list[str]:
   return paths
 
 
+@contextlib.contextmanager
+def _open(path: str):
+  """safe_open(path) for numpy; a file it cannot read is one UserError naming it."""
+  try:
+    with safe_open(path, framework="numpy") as f:
+      yield f
+  except (OSError, ValueError, RuntimeError) as e:
+    if isinstance(e, UserError):
+      raise
+    raise UserError(f"{path}: cannot read safetensors ({e})") from None
+
+
 def read_safetensors(paths: list[str]) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (name, array) one tensor at a time; bf16 arrives as ml_dtypes.bfloat16."""
   for path in paths:
-    try:
-      with safe_open(path, framework="numpy") as f:
-        for name in f.keys():
-          yield name, f.get_tensor(name)
-    except (OSError, ValueError, RuntimeError) as e:
-      if isinstance(e, UserError):
-        raise
-      raise UserError(f"{path}: cannot read safetensors ({e})") from None
+    with _open(path) as f:
+      for name in f.keys():
+        yield name, f.get_tensor(name)
+
+
+class StoredTensor:
+  """A leaf of our tree ([in, out] where HF's is [out, in]) read from its safetensors file only when used:
+  `np.asarray(leaf)` reads it whole, `leaf[i]` one layer of a stacked leaf. Merging (`lora.MergedKernel`) and
+  the exporters read one matrix at a time, so a full-precision checkpoint streams through them."""
+
+  def __init__(self, where: list[tuple[str, str]], shape: tuple[int, ...], transpose: bool, stacked: bool):
+    self._where, self._transpose, self._stacked = where, transpose, stacked  # [(file, HF name)] per layer
+    self.shape = ((len(where),) if stacked else ()) + shape
+
+  def _read(self, i: int) -> np.ndarray:
+    path, name = self._where[i]
+    with _open(path) as f:
+      array = f.get_tensor(name)
+    return np.ascontiguousarray(array.T) if self._transpose else array
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    if not self._stacked:
+      raise TypeError("an unstacked stored tensor is read whole: np.asarray(leaf)")
+    return self._read(index)
+
+  def __array__(self, dtype=None, copy=None):
+    out = np.stack([self._read(i) for i in range(len(self._where))]) if self._stacked else self._read(0)
+    return out if dtype is None else out.astype(dtype)
+
+
+def stored_params(directory: str, *, scan_layers: bool = True) -> tuple[ModelConfig, dict]:
+  """(config, params) of an HF model directory with `StoredTensor` leaves in the stored dtype: shapes and
+  names checked now, values read when used."""
+  config = load_hf_config(directory)
+  expected = hf_shapes(config)
+  stored: dict[str, str] = {}  # HF name -> its file
+  for path in safetensors_files(directory):
+    with _open(path) as f:
+      for name in f.keys():
+        if _IGNORED.search(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
+          continue
+        _check_tensor(name, f.get_slice(name).get_shape(), expected, directory)
+        stored[name] = path
+  _check_complete(expected, set(stored), directory)
+  params: dict = {}
+  for name, shape in expected.items():
+    path, layer, transpose = _target(name)
+    shape = shape[::-1] if transpose else shape
+    if layer is None:
+      _set(params, path, StoredTensor([(stored[name], name)], shape, transpose, stacked=False))
+    elif not scan_layers:
+      _set(params, (f"layers_{layer}",) + path, StoredTensor([(stored[name], name)], shape, transpose, False))
+    elif layer == 0:
+      names = [re.sub(r"^model\.layers\.0\.", f"model.layers.{i}.", name) for i in range(config.num_layers)]
+      _set(params, ("layers",) + path, StoredTensor([(stored[n], n) for n in names], shape, transpose, True))
+  return config, params
 
 
 def load_hf_dir(directory: str, *, scan_layers: bool = True, dtype=np.float32,

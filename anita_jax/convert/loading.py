@@ -173,7 +173,6 @@ def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: 
   import jax
   import jax.numpy as jnp
 
-  from anita_jax.convert import peft
   from anita_jax.model import lora
   from anita_jax.model import quant as Q
   from anita_jax.model.llama import Llama
@@ -183,15 +182,8 @@ def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: 
   quant = quant_spec(quant) or Q.QuantSpec()
   if scan_layers is None:
     scan_layers = decode_scan(quant.type)
-  spec, adapters = None, None
-  if peft.is_peft_dir(path):
-    base = _peft_base(path)
-    config = load_config(base)
-    spec, adapters, _ = peft.load_peft(path, config, scan_layers=scan_layers)
-    adapters = jax.device_put(adapters)
-    weights_path, tokenizer_path = base, (path if _has_tokenizer(path) else base)
-  else:
-    weights_path = tokenizer_path = path
+  weights_path, tokenizer_path, spec, adapters = _with_adapter(path, scan_layers)
+  adapters = jax.device_put(adapters)
   # XLA:CPU computes bf16 dots and gathers in float32 and converts a bf16 vocab table to a float32 copy,
   # hoisted out of the decoding loop (two of 2.1 GB for Llama-3-8B). On CPU the tables hold their bf16 values
   # in float32 instead: half of those bytes, no copy, the same logits (`infer.score.head_logits`).
@@ -205,6 +197,37 @@ def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: 
   model = Llama(config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype), scan_layers=scan_layers,
                 quant=quant, lora=spec)
   return model, params, tokenizer, config
+
+
+def stored_model(path: str, *, scan_layers: bool = True):
+  """(config, params, tokenizer, LoRA spec or None) of a model PATH as stored, for merging and export: an HF
+  directory's leaves are `hf.StoredTensor`s, read one matrix at a time when used (never the whole model in
+  memory); a .gguf file is read whole in float32. A PEFT directory comes with its adapter (merge with
+  `lora.merge_lazily`)."""
+  weights_path, tokenizer_path, spec, adapters = _with_adapter(path, scan_layers)
+  local = _resolve(weights_path)
+  if os.path.isfile(local):
+    config, params = load_weights(local, scan_layers=scan_layers)
+  else:
+    from anita_jax.convert import hf
+    config, params = hf.stored_params(local, scan_layers=scan_layers)
+  if adapters is not None:
+    from anita_jax.model import lora
+    params = lora.combine(params, adapters)
+  tokenizer = load_tokenizer(tokenizer_path)
+  check_tokenizer(tokenizer, config, tokenizer_path)
+  return config, params, tokenizer, spec
+
+
+def _with_adapter(path: str, scan_layers: bool):
+  """(weights PATH, tokenizer PATH, LoRA spec, adapters on the host): a PEFT directory's base and adapter, or
+  PATH itself with no adapter."""
+  from anita_jax.convert import peft
+  if not peft.is_peft_dir(path):
+    return path, path, None, None
+  base = _peft_base(path)
+  spec, adapters, _ = peft.load_peft(path, load_config(base), scan_layers=scan_layers)
+  return base, (path if _has_tokenizer(path) else base), spec, adapters
 
 
 def _has_tokenizer(directory: str) -> bool:

@@ -204,16 +204,23 @@ class MergedKernel:
   def __getitem__(self, index: int):
     if not self.stacked:
       raise TypeError("an unstacked merged kernel is read whole: np.asarray(kernel)")
-    return np.asarray(jax.device_get(_merge_one(self.kernel, self.adapters, index, self.scales,
-                                                jnp.dtype(self.dtype))))
+    kernel, adapters = self.kernel, self.adapters
+    if _read_lazily(kernel):  # that layer alone, read now
+      kernel, adapters, index = kernel[index], jax.tree.map(lambda x: x[index], adapters), None
+    return np.asarray(jax.device_get(_merge_one(kernel, adapters, index, self.scales, jnp.dtype(self.dtype))))
 
   def __array__(self, dtype=None, copy=None):
     if self.stacked:
       out = np.stack([self[i] for i in range(self.shape[0])])
     else:
-      out = np.asarray(jax.device_get(_merge_one(self.kernel, self.adapters, None, self.scales,
-                                                 jnp.dtype(self.dtype))))
+      kernel = np.asarray(self.kernel) if _read_lazily(self.kernel) else self.kernel
+      out = np.asarray(jax.device_get(_merge_one(kernel, self.adapters, None, self.scales, jnp.dtype(self.dtype))))
     return out if dtype is None else out.astype(dtype)
+
+
+def _read_lazily(kernel) -> bool:
+  """A kernel read from its file when used (`convert.hf.StoredTensor`), not an array or a quantized node."""
+  return not isinstance(kernel, (jax.Array, np.ndarray, Q.NF4Weight, Q.Int4Weight))
 
 
 def merge_lazily(params: dict, spec: LoraSpec, dtype=jnp.float32) -> dict:

@@ -101,9 +101,9 @@ def merged_params(stage: ST.Stage, merge_into: str = "dequantized", dtype: str =
   `lora.MergedKernel`, computed one layer's matrix at a time (never the whole merged model in memory)."""
   params = lora.combine(stage.state["params"], stage.frozen)
   if merge_into == "original":
-    # The previous base in full precision plus this stage's delta, as the ANITA scripts merged.
-    _, original = loading.load_weights(stage.base_path, scan_layers=stage.config.model.scan_layers,
-                                       transform=loading.leaf_transform(None, "float32"))
+    # The previous base as stored (full precision, read one matrix at a time) plus this stage's delta, as
+    # the ANITA scripts merged.
+    _, original, _, _ = loading.stored_model(stage.base_path, scan_layers=stage.config.model.scan_layers)
     adapters = {p: v for p, v in lora.flatten(params).items() if p[-1] in lora.LORA_LEAVES + lora.FROZEN_LEAVES}
     params = lora.combine(original, lora.unflatten(adapters))
   return lora.merge_lazily(params, stage.spec, jnp.dtype(dtype))
