@@ -120,6 +120,8 @@ def test_a_base_is_imported_once_per_files_and_form(tiny_hf_dir, tmp_path, monke
   import jax
 
   from anita_jax.convert import loading
+  from anita_jax.model import lora as LA
+  from anita_jax.model import sharding as S
   from anita_jax.train import config as C
   from anita_jax.train import state as ST
   base = str(tmp_path / "base")
@@ -133,6 +135,13 @@ def test_a_base_is_imported_once_per_files_and_form(tiny_hf_dir, tmp_path, monke
   assert len(calls) == 1
   for a, b in zip(jax.tree.leaves(first.frozen), jax.tree.leaves(second.frozen)):
     assert a is b
+  # a stacked stage (the earlier stages' adapters frozen beside the base) stands on the same base
+  abstract = ST.abstract_stage(c, loading.load_config(base), S.make_mesh(1, 1, 1), with_optimizer=False,
+                               frozen_rank=4)
+  earlier = {p: np.zeros(v.shape, np.float32) for p, v in LA.flatten(abstract.frozen).items()
+             if p[-1] in LA.FROZEN_LEAVES}
+  stacked, _ = ST._load(c, base, None, False, (4, LA.unflatten(earlier)))
+  assert len(calls) == 1 and LA.flatten(stacked.frozen).keys() == LA.flatten(abstract.frozen).keys()
   os.utime(os.path.join(base, "model.safetensors"), ns=(0, 0))  # the files changed: read them again
   ST._load(c, base, None, False, None)
   assert len(calls) == 2

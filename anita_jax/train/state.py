@@ -152,8 +152,9 @@ def _load(c: C.StageConfig, base_path: str, mesh, with_optimizer: bool, frozen_a
   flat_sh = {**LA.flatten(stage.frozen_shardings), **LA.flatten(stage.state_shardings["params"])}
   transform = loading.leaf_transform(quant_spec(c), c.model.dtype,
                                      place=lambda path, x: jax.tree.map(S.place, x, flat_sh[path]))
+  adapter = LA.LORA_LEAVES + LA.FROZEN_LEAVES  # not read from base_path: a stacked stage shares its base
   key = (loading.weights_fingerprint(base_path), quant_spec(c), c.model.dtype, c.model.scan_layers,
-         tuple((path, tuple(jax.tree.leaves(sh))) for path, sh in sorted(flat_sh.items())))
+         tuple((path, tuple(jax.tree.leaves(sh))) for path, sh in sorted(flat_sh.items()) if path[-1] not in adapter))
   base = _cached_base(key, lambda: loading.load_weights(base_path, scan_layers=c.model.scan_layers,
                                                         transform=transform)[1])
   abstract = LA.flatten(stage.frozen)  # the frozen adapters' dtype: the compute dtype (see model.Linear)
