@@ -80,14 +80,15 @@ def perplexity(model, params, tokenizer, texts_path: str, *, max_length: int = 2
                max_rows: int | None = None) -> float:
   """exp(total NLL / total target tokens) of the `text` rows of `texts_path` (see the module doc).
 
-  Every batch has the shape [batch_size, longest text], so the model compiles once; the last
-  batch is filled with empty rows (loss_mask 0).
+  Every batch has the shape [batch_size, longest text] (batch_size cut to the number of rows), so the
+  model compiles once; the last batch is filled with empty rows (loss_mask 0).
   """
   if batch_size < 1:
     raise UserError(f"batch_size={batch_size} must be at least 1")
   rows = data.load_rows(texts_path, fmt="text", max_rows=max_rows)
   examples, _ = encode.encode_dataset(rows, tokenizer, max_length=max_length, fmt="text")
   length = max(len(ex.input_ids) for ex in examples)
+  batch_size = min(batch_size, len(examples))  # fewer rows than a batch: no all-padding rows to compute
   total_nll, total_tokens = 0.0, 0.0
   for start in range(0, len(examples), batch_size):
     groups = [[i] for i in range(start, min(start + batch_size, len(examples)))]
@@ -117,6 +118,7 @@ def sequence_logps_of_pairs(model, params, tokenizer, pairs_path: str, *, max_le
     print(f"{pairs_path}: {stats.dropped} of {stats.rows} pairs dropped (prompt longer than max_length="
           f"{max_length})", file=sys.stderr, flush=True)
   length = max(len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids)) for ex in examples)
+  batch_size = min(batch_size, len(examples))
   pad = _pad_id(tokenizer)
   chosen, rejected = [], []
   for start in range(0, len(examples), batch_size):
