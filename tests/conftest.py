@@ -1,11 +1,18 @@
 """Shared fixtures. Eight fake CPU devices for mesh tests, set before JAX is imported."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One XLA compilation cache for the test processes and every script they start: a resume test starts the same
+# program several times, and train_and_evaluate builds its step afresh on each call. Entries are keyed by the
+# program, the compile options, the devices and the jax/jaxlib versions, so a hit runs what a compile would build.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(),
+                                                                f"anita-jax-tests-xla-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
