@@ -45,7 +45,8 @@ def rel_err(a, b):
 def test_logits_match_transformers(name):
   config = VARIANTS[name]
   ref = reference_model(config)
-  tokens = np.random.RandomState(1).randint(0, config.vocab_size, (3, 40))
+  # 150 tokens: three query blocks of `attention`, the last one partial.
+  tokens = np.random.RandomState(1).randint(0, config.vocab_size, (3, 2 * M.QUERY_BLOCK + 22))
   with torch.no_grad():
     expected = ref(torch.tensor(tokens)).logits.numpy()
   logits, _ = M.Llama(config).apply({"params": our_params(ref, config)}, jnp.asarray(tokens))
@@ -62,9 +63,9 @@ def test_rope_frequencies_match_transformers_llama3_scaling():
 
 def test_padded_rows_match_transformers_attention_mask():
   ref = reference_model(TINY)
-  tokens = np.random.RandomState(2).randint(3, TINY.vocab_size, (2, 24))
+  tokens = np.random.RandomState(2).randint(3, TINY.vocab_size, (2, M.QUERY_BLOCK + 24))
   mask = np.ones_like(tokens)
-  mask[1, 15:] = 0  # right padding
+  mask[1, 15:] = 0  # right padding, over a whole query block
   with torch.no_grad():
     expected = ref(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
   logits, _ = M.Llama(TINY).apply({"params": our_params(ref, TINY)}, jnp.asarray(tokens),
@@ -96,15 +97,43 @@ def test_packed_segments_equal_separate_sequences():
   params = our_params(ref, TINY)
   model = M.Llama(TINY)
   rs = np.random.RandomState(4)
-  a, b = rs.randint(0, TINY.vocab_size, 11), rs.randint(0, TINY.vocab_size, 17)
+  n = M.QUERY_BLOCK + 3  # the second sequence spans two query blocks
+  a, b = rs.randint(0, TINY.vocab_size, 11), rs.randint(0, TINY.vocab_size, n)
   packed = np.concatenate([a, b, np.zeros(4, int)])[None]
-  segments = np.concatenate([np.full(11, 1), np.full(17, 2), np.zeros(4, int)])[None]
-  positions = np.concatenate([np.arange(11), np.arange(17), np.zeros(4, int)])[None]
+  segments = np.concatenate([np.full(11, 1), np.full(n, 2), np.zeros(4, int)])[None]
+  positions = np.concatenate([np.arange(11), np.arange(n), np.zeros(4, int)])[None]
   out, _ = model.apply({"params": params}, jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segments))
   alone_a, _ = model.apply({"params": params}, jnp.asarray(a[None]))
   alone_b, _ = model.apply({"params": params}, jnp.asarray(b[None]))
   np.testing.assert_allclose(np.asarray(out[0, :11]), np.asarray(alone_a[0]), atol=1e-5)
-  np.testing.assert_allclose(np.asarray(out[0, 11:28]), np.asarray(alone_b[0]), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out[0, 11:11 + n]), np.asarray(alone_b[0]), atol=1e-5)
+
+
+def test_query_blocks_equal_one_piece_attention_and_gradients():
+  """`attention` over a whole sequence goes in query blocks against the keys up to each block's end; the
+  result and its gradients equal the one-piece [T, S] computation (`_attend`) with packed pairs' masks."""
+  t = 2 * M.QUERY_BLOCK + 37
+  rs = np.random.RandomState(6)
+  q, k, v = (jnp.asarray(rs.randn(2, t, heads, 16), jnp.float32) for heads in (6, 2, 2))
+  # Row 0: three segments and padding; row 1: a packed pair [prompt][chosen][rejected] crossing blocks.
+  segments = np.zeros((2, t), np.int32)
+  segments[0, :40], segments[0, 40:150], segments[0, 150:t - 5] = 1, 2, 3
+  segments[1, :] = 1
+  branches = np.zeros((2, t), np.int32)
+  branches[1, 50:120], branches[1, 120:] = 1, 2
+  segments, branches = jnp.asarray(segments), jnp.asarray(branches)
+
+  def out(fn, q, k, v):
+    return fn(q, k, v, segments, segments, 0, branches, branches)
+
+  blocked, whole = out(M.attention, q, k, v), out(M._attend, q, k, v)
+  real = np.asarray(segments != 0)
+  np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(whole)[real], rtol=1e-6, atol=1e-6)
+  cotangent = jnp.asarray(rs.randn(*q.shape), jnp.float32) * jnp.asarray(real)[:, :, None, None]
+  grads = [jax.grad(lambda *x, fn=fn: jnp.sum(out(fn, *x) * cotangent), argnums=(0, 1, 2))(q, k, v)
+           for fn in (M.attention, M._attend)]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scan", [True, False])
