@@ -77,7 +77,21 @@ def apply_rope(x_btnh: Array, positions_bt: Array, inv_freq: np.ndarray) -> Arra
   return x_btnh * cos + rotated * sin
 
 
-QUERY_BLOCK = 64  # `attention`'s query block over a whole sequence (measured on CPU: 64 beat 32, 128 and 256)
+QUERY_BLOCK = 64  # the smallest query block of `attention` over a whole sequence (CPU: 64 beat 32, 128, 256)
+MAX_QUERY_BLOCKS = 8  # longer sequences take longer blocks: fewer key re-reads and gradient sums
+
+
+def query_block(t: int) -> int:
+  """The query block of `attention` over a whole sequence of `t` positions."""
+  return max(QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS))
+
+
+def score_entries(t: int) -> int:
+  """The (query, key) scores `attention` computes over a whole sequence of `t` positions, of t * t."""
+  block = query_block(t)
+  if t <= block:
+    return t * t
+  return sum((min(start + block, t) - start) * min(start + block, t) for start in range(0, t, block))
 
 
 def attention(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset, q_branch_bt=None,
@@ -91,18 +105,19 @@ def attention(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset, q_b
   chosen, 2 rejected) a query also needs the key on branch 0 or on its own
   branch: both completions see the prompt, never each other.
 
-  Over a whole sequence (q_offset 0, T == S) the queries go in blocks of
-  `QUERY_BLOCK`, each against the keys up to its end only: the causal mask's
+  Over a whole sequence (q_offset 0, T == S) the queries go in blocks
+  (`query_block`), each against the keys up to its end only: the causal mask's
   upper triangle is never computed. The masked scores it skips have a softmax
   weight of exactly 0, so the result is the full computation's up to summation order.
   """
   t, s = q_btnh.shape[1], k_bskh.shape[1]
-  if not (isinstance(q_offset, int) and q_offset == 0 and t == s and t > QUERY_BLOCK):
+  block = query_block(t)
+  if not (isinstance(q_offset, int) and q_offset == 0 and t == s and t > block):
     return _attend(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset, q_branch_bt, kv_branch_bs)
   cut = lambda x, start, end: None if x is None else x[:, start:end]  # noqa: E731
   blocks = []
-  for start in range(0, t, QUERY_BLOCK):
-    end = min(start + QUERY_BLOCK, t)
+  for start in range(0, t, block):
+    end = min(start + block, t)
     blocks.append(_attend(cut(q_btnh, start, end), cut(k_bskh, 0, end), cut(v_bskh, 0, end),
                           cut(q_segment_bt, start, end), cut(kv_segment_bs, 0, end), start,
                           cut(q_branch_bt, start, end), cut(kv_branch_bs, 0, end)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from anita_jax.model import llama
 from anita_jax.model import lora as LA
 from anita_jax.model import splash
 from anita_jax.model.config import ModelConfig
@@ -31,8 +32,9 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
     computed, _ = splash.causal_blocks(length)
     attn_fwd = 4 * rows * computed * splash.block_size(length) ** 2 * mc.num_heads * mc.head_dim
     attn_bwd = 3.5 * attn_fwd
-  else:
-    attn_fwd, attn_bwd = attn, 2 * attn
+  else:  # query blocks against the keys up to each block's end (`llama.attention`)
+    attn_fwd = 4 * rows * llama.score_entries(length) * mc.num_heads * mc.head_dim
+    attn_bwd = 2 * attn_fwd
   layer_fwd = 2 * tokens * (frozen + adapters) + attn
   head = 2 * tokens * d * v
   fwd = n_layers * layer_fwd + head
@@ -49,10 +51,12 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
   last = 2 * tokens * f_in * f_out + (2 * tokens * lora_rank * f_out if "down_proj" in lora_targets else 0)
   recompute = {"none": 0, "full": n_layers * (layer_fwd - last), "dots": 0, "dots_no_batch": n_layers * attn}[remat]
   kernel = 0
+  # What the remat policy recomputes of the attention: its computed products, not the full T x T.
+  recompute += {"none": 0, "full": n_layers * (attn_fwd - attn), "dots": 0,
+                "dots_no_batch": n_layers * (attn_fwd - attn)}[remat]
   if attention == "splash":
     # A Pallas call is not a dot: every remat policy recomputes its forward.
-    recompute += {"none": 0, "full": n_layers * (attn_fwd - attn), "dots": n_layers * attn_fwd,
-                  "dots_no_batch": n_layers * (attn_fwd - attn)}[remat]
+    recompute += n_layers * attn_fwd if remat == "dots" else 0
     kernel = grad_accum * n_layers * (attn_fwd + attn_bwd + (attn_fwd if reference_forward else 0)
                                       + (attn_fwd if remat != "none" else 0))
   model = grad_accum * (fwd + bwd + ref)
@@ -68,7 +72,9 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
       f"times {grad_accum} micro-batches. P = {frozen} frozen projection weights per layer, P_lora = {adapters} "
       f"adapter weights per layer, A = 4 rows T^2 N H = {attn} attention FLOPs per layer (QK^T and PV over the "
       f"full T x T), D = {d}, V = {v}. "
-      + ("With attention=dot the causal mask is applied, not skipped: A forward, 2 A backward are computed. "
+      + (f"With attention=dot the queries go in blocks of {llama.query_block(length)} against the keys up to "
+         f"each block's end: A_d = {attn_fwd:.6g} forward and 2 A_d backward are computed, so 'executed' counts "
+         "A_d and 2 A_d where 'model' counts A and 2 A. "
          if attention != "splash" else
          f"With attention=splash the kernel computes only the {splash.causal_blocks(length)[0]} of "
          f"{splash.causal_blocks(length)[1]} tiles ({splash.block_size(length)} x {splash.block_size(length)}) "
