@@ -89,8 +89,6 @@ def query_block(t: int) -> int:
 def score_entries(t: int) -> int:
   """The (query, key) scores `attention` computes over a whole sequence of `t` positions, of t * t."""
   block = query_block(t)
-  if t <= block:
-    return t * t
   return sum((min(start + block, t) - start) * min(start + block, t) for start in range(0, t, block))
 
 
@@ -106,9 +104,10 @@ def attention(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset, q_b
   branch: both completions see the prompt, never each other.
 
   Over a whole sequence (q_offset 0, T == S) the queries go in blocks
-  (`query_block`), each against the keys up to its end only: the causal mask's
-  upper triangle is never computed. The masked scores it skips have a softmax
-  weight of exactly 0, so the result is the full computation's up to summation order.
+  (`query_block`), each against the keys up to its end only: of the causal
+  mask's upper triangle only the blocks on the diagonal are computed. The masked
+  scores it skips have a softmax weight of exactly 0, so the result is the
+  one-piece computation's up to summation order.
   """
   t, s = q_btnh.shape[1], k_bskh.shape[1]
   block = query_block(t)
