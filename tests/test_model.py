@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from anita_jax.model import attention as AT
 from anita_jax.model import config as cfg
 from anita_jax.model import llama as M
 from anita_jax.convert import hf
@@ -46,7 +47,7 @@ def test_logits_match_transformers(name):
   config = VARIANTS[name]
   ref = reference_model(config)
   # 150 tokens: three query blocks of `attention`, the last one partial.
-  tokens = np.random.RandomState(1).randint(0, config.vocab_size, (3, 2 * M.QUERY_BLOCK + 22))
+  tokens = np.random.RandomState(1).randint(0, config.vocab_size, (3, 2 * AT.QUERY_BLOCK + 22))
   with torch.no_grad():
     expected = ref(torch.tensor(tokens)).logits.numpy()
   logits, _ = M.Llama(config).apply({"params": our_params(ref, config)}, jnp.asarray(tokens))
@@ -63,7 +64,7 @@ def test_rope_frequencies_match_transformers_llama3_scaling():
 
 def test_padded_rows_match_transformers_attention_mask():
   ref = reference_model(TINY)
-  tokens = np.random.RandomState(2).randint(3, TINY.vocab_size, (2, M.QUERY_BLOCK + 24))
+  tokens = np.random.RandomState(2).randint(3, TINY.vocab_size, (2, AT.QUERY_BLOCK + 24))
   mask = np.ones_like(tokens)
   mask[1, 15:] = 0  # right padding, over a whole query block
   with torch.no_grad():
@@ -97,7 +98,7 @@ def test_packed_segments_equal_separate_sequences():
   params = our_params(ref, TINY)
   model = M.Llama(TINY)
   rs = np.random.RandomState(4)
-  n = M.QUERY_BLOCK + 3  # the second sequence spans two query blocks
+  n = AT.QUERY_BLOCK + 3  # the second sequence spans two query blocks
   a, b = rs.randint(0, TINY.vocab_size, 11), rs.randint(0, TINY.vocab_size, n)
   packed = np.concatenate([a, b, np.zeros(4, int)])[None]
   segments = np.concatenate([np.full(11, 1), np.full(n, 2), np.zeros(4, int)])[None]
@@ -112,7 +113,7 @@ def test_packed_segments_equal_separate_sequences():
 def test_query_blocks_equal_one_piece_attention_and_gradients():
   """`attention` over a whole sequence goes in query blocks against the keys up to each block's end; the
   result and its gradients equal the one-piece [T, S] computation (`_attend`) with packed pairs' masks."""
-  t = 2 * M.QUERY_BLOCK + 37
+  t = 2 * AT.QUERY_BLOCK + 37
   rs = np.random.RandomState(6)
   q, k, v = (jnp.asarray(rs.randn(2, t, heads, 16), jnp.float32) for heads in (6, 2, 2))
   # Row 0: three segments and padding; row 1: a packed pair [prompt][chosen][rejected] crossing blocks.
@@ -126,13 +127,47 @@ def test_query_blocks_equal_one_piece_attention_and_gradients():
   def out(fn, q, k, v):
     return fn(q, k, v, segments, segments, 0, branches, branches)
 
-  blocked, whole = out(M.attention, q, k, v), out(M._attend, q, k, v)
+  blocked, whole = out(AT.attention, q, k, v), out(AT._attend, q, k, v)
   real = np.asarray(segments != 0)
   np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(whole)[real], rtol=1e-6, atol=1e-6)
   cotangent = jnp.asarray(rs.randn(*q.shape), jnp.float32) * jnp.asarray(real)[:, :, None, None]
   grads = [jax.grad(lambda *x, fn=fn: jnp.sum(out(fn, *x) * cotangent), argnums=(0, 1, 2))(q, k, v)
-           for fn in (M.attention, M._attend)]
+           for fn in (AT.attention, AT._attend)]
   for a, b in zip(*grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def textbook_attention(q, k, v, segments, branches):
+  """softmax(q k^T / sqrt(H) + mask) v over [B, T, N, H], every kv head repeated for its query heads."""
+  n, h = q.shape[2], q.shape[3]
+  k, v = (jnp.repeat(x, n // x.shape[2], axis=2) for x in (k, v))
+  t = q.shape[1]
+  allowed = (jnp.tril(jnp.ones((t, t), bool))[None] & (segments[:, :, None] == segments[:, None, :])
+             & (segments[:, None, :] != 0)
+             & ((branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None])))
+  scores = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(h)
+  probs = jax.nn.softmax(jnp.where(allowed[:, None], scores, -1e30), axis=-1)
+  return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+def test_attention_gradients_equal_autodiff_of_the_textbook_formula():
+  """The attention's backward pass is written by hand (`_softmax_attention`): its gradients, in query blocks
+  over packed segments and pairs, equal jax.grad of the plain formula with the full [T, T] mask (fp32, 1e-5)."""
+  t = 2 * AT.QUERY_BLOCK + 21
+  rs = np.random.RandomState(8)
+  q, k, v = (jnp.asarray(rs.randn(2, t, heads, 16), jnp.float32) for heads in (6, 2, 2))
+  segments = np.zeros((2, t), np.int32)
+  segments[0, :70], segments[0, 70:t - 9] = 1, 2
+  segments[1, :100], segments[1, 100:] = 1, 2
+  branches = np.zeros((2, t), np.int32)
+  branches[1, 20:60], branches[1, 60:100], branches[1, 130:140], branches[1, 140:] = 1, 2, 1, 2
+  segments, branches = jnp.asarray(segments), jnp.asarray(branches)
+  real = jnp.asarray(segments != 0)[:, :, None, None]
+  cotangent = jnp.asarray(rs.randn(*q.shape), jnp.float32) * real
+  ours = lambda *x: jnp.sum(AT.attention(*x, segments, segments, 0, branches, branches) * cotangent)  # noqa: E731
+  plain = lambda *x: jnp.sum(textbook_attention(*x, segments, branches) * cotangent)  # noqa: E731
+  np.testing.assert_allclose(ours(q, k, v), plain(q, k, v), rtol=1e-5)
+  for a, b in zip(jax.grad(ours, argnums=(0, 1, 2))(q, k, v), jax.grad(plain, argnums=(0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 

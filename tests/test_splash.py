@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from anita_jax.model import attention as AT
 from anita_jax.model import config as cfg
 from anita_jax.model import llama as M
 from anita_jax.model import sharding as S
@@ -51,7 +52,7 @@ def inputs(n, k, h, b=2, t=70, dtype=jnp.float32, seed=0):
 
 
 def plain(q, k, v, seg):
-  return M.attention(q, k, v, seg, seg, 0)
+  return AT.attention(q, k, v, seg, seg, 0)
 
 
 def outputs_and_grads(fn, q, k, v, seg, valid):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anita_jax.errors import UserError
+from anita_jax.model import attention as AT
 from anita_jax.model import quant as Q
 from anita_jax.model import splash as SP
 from anita_jax.model.config import ATTENTION_KINDS, LoraSpec, ModelConfig
@@ -75,72 +76,6 @@ def apply_rope(x_btnh: Array, positions_bt: Array, inv_freq: np.ndarray) -> Arra
   half = x_btnh.shape[-1] // 2
   rotated = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
   return x_btnh * cos + rotated * sin
-
-
-QUERY_BLOCK = 64  # the smallest query block of `attention` over a whole sequence (CPU: 64 beat 32, 128, 256)
-MAX_QUERY_BLOCKS = 8  # longer sequences take longer blocks: fewer key re-reads and gradient sums
-
-
-def query_block(t: int) -> int:
-  """The query block of `attention` over a whole sequence of `t` positions."""
-  return max(QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS))
-
-
-def score_entries(t: int) -> int:
-  """The (query, key) scores `attention` computes over a whole sequence of `t` positions, of t * t."""
-  block = query_block(t)
-  return sum((min(start + block, t) - start) * min(start + block, t) for start in range(0, t, block))
-
-
-def attention(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset, q_branch_bt=None,
-              kv_branch_bs=None) -> Array:
-  """Causal, segment-aware grouped-query attention.
-
-  Query t sits at index `q_offset + t` of the key sequence. A query attends to
-  key s when s <= its index and both carry the same non-zero segment id, so
-  packed sequences never see each other and padding (segment 0) is ignored.
-  With branch ids (packed DPO pairs `[prompt][chosen][rejected]`: 0 prompt, 1
-  chosen, 2 rejected) a query also needs the key on branch 0 or on its own
-  branch: both completions see the prompt, never each other.
-
-  Over a whole sequence (q_offset 0, T == S) the queries go in blocks
-  (`query_block`), each against the keys up to its end only: of the causal
-  mask's upper triangle only the blocks on the diagonal are computed. The masked
-  scores it skips have a softmax weight of exactly 0, so the result is the
-  one-piece computation's up to summation order.
-  """
-  t, s = q_btnh.shape[1], k_bskh.shape[1]
-  block = query_block(t)
-  if not (isinstance(q_offset, int) and q_offset == 0 and t == s and t > block):
-    return _attend(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset, q_branch_bt, kv_branch_bs)
-  cut = lambda x, start, end: None if x is None else x[:, start:end]  # noqa: E731
-  blocks = []
-  for start in range(0, t, block):
-    end = min(start + block, t)
-    blocks.append(_attend(cut(q_btnh, start, end), cut(k_bskh, 0, end), cut(v_bskh, 0, end),
-                          cut(q_segment_bt, start, end), cut(kv_segment_bs, 0, end), start,
-                          cut(q_branch_bt, start, end), cut(kv_branch_bs, 0, end)))
-  return jnp.concatenate(blocks, axis=1)
-
-
-def _attend(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset, q_branch_bt, kv_branch_bs) -> Array:
-  """`attention` in one piece: the [T, S] scores of every query against every key."""
-  b, t, n, h = q_btnh.shape
-  k = k_bskh.shape[2]
-  q = q_btnh.reshape(b, t, k, n // k, h)
-  scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32)
-  scores = scores * (h ** -0.5)
-  q_index = q_offset + jnp.arange(t)
-  causal = jnp.arange(k_bskh.shape[1])[None, :] <= q_index[:, None]  # [T, S]
-  same = (q_segment_bt[:, :, None] == kv_segment_bs[:, None, :]) & (kv_segment_bs[:, None, :] != 0)
-  if q_branch_bt is not None:
-    kv_branch = kv_branch_bs[:, None, :]
-    same = same & ((kv_branch == 0) | (kv_branch == q_branch_bt[:, :, None]))
-  mask = (causal[None] & same)[:, None, None]  # [B, 1, 1, T, S]
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
-  return out.reshape(b, t, n, h)
 
 
 class RMSNorm(nn.Module):
@@ -288,7 +223,7 @@ class Attention(_Block):
     if cache is None and self.attention == "splash" and SP.usable():  # a whole sequence: T == S, q_offset 0
       o = SP.splash_attention(q, key, value, q_segment_bt)
     else:
-      o = attention(q, key, value, q_segment_bt, kv_segment_bs, offset, branch_bt, branch_bt)
+      o = AT.attention(q, key, value, q_segment_bt, kv_segment_bs, offset, branch_bt, branch_bt)
     o = o.reshape(b, t, n * h)
     return self.linear("o_proj", c.hidden_size, ("q_heads", "embed"))(o), new_cache
 
@@ -334,7 +269,7 @@ class Llama(nn.Module):
   deterministic: bool = True
   quant: Q.QuantSpec | None = None  # of the seven projections; embeddings, lm_head, norms stay dense
   # "splash": the Pallas blockwise kernel (`splash.py`) for whole-sequence forwards (training, eval);
-  # decoding with a KV cache always uses the plain `attention`.
+  # decoding with a KV cache always uses the plain `attention.attention`.
   attention: str = "dot"
 
   @nn.compact
@@ -344,7 +279,7 @@ class Llama(nn.Module):
 
     tokens_bt: int [B, T]. positions_bt: rotary positions (default 0..T-1).
     segment_ids_bt: packing ids, 0 = padding (default all 1).
-    branch_ids_bt: int [B, T], packed DPO pairs only (`attention`): 0 prompt, 1 chosen,
+    branch_ids_bt: int [B, T], packed DPO pairs only (`attention.attention`): 0 prompt, 1 chosen,
       2 rejected; a completion never attends to the other one. Needs model.attention=dot
       and no cache.
     cache: {"k", "v"} [L, B, S, K, H] from `init_cache`, updated at `cache_offset`

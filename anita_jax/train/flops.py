@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from anita_jax.model import llama
+from anita_jax.model import attention as AT
 from anita_jax.model import lora as LA
 from anita_jax.model import splash
 from anita_jax.model.config import ModelConfig
@@ -32,8 +32,8 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
     computed, _ = splash.causal_blocks(length)
     attn_fwd = 4 * rows * computed * splash.block_size(length) ** 2 * mc.num_heads * mc.head_dim
     attn_bwd = 3.5 * attn_fwd
-  else:  # query blocks against the keys up to each block's end (`llama.attention`)
-    attn_fwd = 4 * rows * llama.score_entries(length) * mc.num_heads * mc.head_dim
+  else:  # query blocks against the keys up to each block's end (`model.attention.attention`)
+    attn_fwd = 4 * rows * AT.score_entries(length) * mc.num_heads * mc.head_dim
     attn_bwd = 2 * attn_fwd
   layer_fwd = 2 * tokens * (frozen + adapters) + attn
   head = 2 * tokens * d * v
@@ -72,7 +72,7 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
       f"times {grad_accum} micro-batches. P = {frozen} frozen projection weights per layer, P_lora = {adapters} "
       f"adapter weights per layer, A = 4 rows T^2 N H = {attn} attention FLOPs per layer (QK^T and PV over the "
       f"full T x T), D = {d}, V = {v}. "
-      + (f"With attention=dot the queries go in blocks of {llama.query_block(length)} against the keys up to "
+      + (f"With attention=dot the queries go in blocks of {AT.query_block(length)} against the keys up to "
          f"each block's end: A_d = {attn_fwd:.6g} forward and 2 A_d backward are computed, so 'executed' counts "
          "A_d and 2 A_d where 'model' counts A and 2 A. "
          if attention != "splash" else
