@@ -73,19 +73,21 @@ def _attend(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, q_offset, q_bra
     same = same & ((kv_branch == 0) | (kv_branch == q_branch_bt[:, :, None]))
   mask = (causal[None] & same)[:, None, None]  # [B, 1, 1, T, S]
   # Query heads grouped by their kv head, [B, K, G, T, H]: the scores come out [B, K, G, T, S].
-  q = (q_btnh * (h ** -0.5)).reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+  q = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
   out = _softmax_attention(q, k_bskh, v_bskh, mask)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 @jax.custom_vjp
 def _softmax_attention(q_bkgth, k_bskh, v_bskh, mask):
-  """softmax(q k^T masked) v, [B, K, G, T, H]; scores and probabilities [B, K, G, T, S] in fp32."""
+  """softmax(q k^T / sqrt(H), masked) v, [B, K, G, T, H]; scores and probabilities [B, K, G, T, S] in fp32,
+  scaled after the product as transformers does."""
   return _softmax_attention_fwd(q_bkgth, k_bskh, v_bskh, mask)[0]
 
 
 def _softmax_attention_fwd(q_bkgth, k_bskh, v_bskh, mask):
   scores = jnp.einsum("bkgth,bskh->bkgts", q_bkgth, k_bskh, preferred_element_type=jnp.float32)
+  scores = scores * (q_bkgth.shape[-1] ** -0.5)
   probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
   out = jnp.einsum("bkgts,bskh->bkgth", probs.astype(v_bskh.dtype), v_bskh)
   return out, (q_bkgth, k_bskh, v_bskh, probs, out)
@@ -95,12 +97,13 @@ def _softmax_attention_bwd(residuals, dout):
   """The gradients written out (as flash attention's backward, with the saved probabilities): the softmax's
   row sums come from the [T, H] output, and each key-side gradient contracts the queries of the [T, S]
   values in place, [H, T] @ [T, S]. Left to autodiff, XLA:CPU transposes the [T, S] gradient of the scores
-  instead: a copy that took 10% of a packed DPO step."""
+  instead: a copy that took 10% of a packed DPO step. The score gradients enter the products in the inputs'
+  dtype, as flash attention's."""
   q, k_bskh, v_bskh, probs, out = residuals
   b, k, g, t, h = q.shape
   dprobs = jnp.einsum("bkgth,bskh->bkgts", dout, v_bskh, preferred_element_type=jnp.float32)
   row = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  dscores = (probs * (dprobs - row)).astype(q.dtype)
+  dscores = (probs * (dprobs - row) * h ** -0.5).astype(q.dtype)
   dq = jnp.einsum("bkgts,bskh->bkgth", dscores, k_bskh)
   flat = lambda x: x.reshape(b, k, g * t, x.shape[-1])  # noqa: E731
   dk = jnp.einsum("bkxh,bkxs->bkhs", flat(q), flat(dscores)).transpose(0, 3, 1, 2)
