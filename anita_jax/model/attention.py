@@ -85,22 +85,35 @@ def _softmax_attention(q_bkgth, k_bskh, v_bskh, mask):
   return _softmax_attention_fwd(q_bkgth, k_bskh, v_bskh, mask)[0]
 
 
-def _softmax_attention_fwd(q_bkgth, k_bskh, v_bskh, mask):
+def _probabilities(q_bkgth, k_bskh, mask, row_max=None, row_sum=None):
+  """(softmax probabilities [B, K, G, T, S] fp32, row max, row sum [B, K, G, T, 1]); given the forward
+  pass's row max and sum, the backward pass recomputes the probabilities with them."""
   scores = jnp.einsum("bkgth,bskh->bkgts", q_bkgth, k_bskh, preferred_element_type=jnp.float32)
-  scores = scores * (q_bkgth.shape[-1] ** -0.5)
-  probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+  scores = jnp.where(mask, scores * (q_bkgth.shape[-1] ** -0.5), jnp.finfo(jnp.float32).min)
+  if row_max is None:
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+  exp = jnp.exp(scores - row_max)
+  if row_sum is None:
+    row_sum = jnp.sum(exp, axis=-1, keepdims=True)
+  return exp / row_sum, row_max, row_sum
+
+
+def _softmax_attention_fwd(q_bkgth, k_bskh, v_bskh, mask):
+  probs, row_max, row_sum = _probabilities(q_bkgth, k_bskh, mask)
   out = jnp.einsum("bkgts,bskh->bkgth", probs.astype(v_bskh.dtype), v_bskh)
-  return out, (q_bkgth, k_bskh, v_bskh, probs, out)
+  return out, (q_bkgth, k_bskh, v_bskh, mask, row_max, row_sum, out)
 
 
 def _softmax_attention_bwd(residuals, dout):
-  """The gradients written out (as flash attention's backward, with the saved probabilities): the softmax's
-  row sums come from the [T, H] output, and each key-side gradient contracts the queries of the [T, S]
-  values in place, [H, T] @ [T, S]. Left to autodiff, XLA:CPU transposes the [T, S] gradient of the scores
-  instead: a copy that took 10% of a packed DPO step. The score gradients enter the products in the inputs'
-  dtype, as flash attention's."""
-  q, k_bskh, v_bskh, probs, out = residuals
+  """The gradients written out, as flash attention's backward: no [T, S] value per head is kept from the
+  forward pass (the probabilities are recomputed from the softmax's row max and sum), the softmax's row sums come from the
+  [T, H] output, and each key-side gradient contracts the queries of the [T, S] values in place,
+  [H, T] @ [T, S]. Left to autodiff, XLA:CPU transposes the [T, S] gradient of the scores instead: a copy that
+  took 10% of a packed DPO step. The score gradients enter the products in the inputs' dtype, as flash
+  attention's."""
+  q, k_bskh, v_bskh, mask, row_max, row_sum, out = residuals
   b, k, g, t, h = q.shape
+  probs = _probabilities(q, k_bskh, mask, row_max, row_sum)[0]
   dprobs = jnp.einsum("bkgth,bskh->bkgts", dout, v_bskh, preferred_element_type=jnp.float32)
   row = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   dscores = (probs * (dprobs - row) * h ** -0.5).astype(q.dtype)

@@ -32,9 +32,10 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
     computed, _ = splash.causal_blocks(length)
     attn_fwd = 4 * rows * computed * splash.block_size(length) ** 2 * mc.num_heads * mc.head_dim
     attn_bwd = 3.5 * attn_fwd
-  else:  # query blocks against the keys up to each block's end (`model.attention.attention`)
+  else:  # query blocks against the keys up to each block's end (`model.attention.attention`); the backward
+    # recomputes Q K^T from the softmax's row max and sum: 5 products (QK^T, dO V^T, dS K, dS^T Q, P^T dO).
     attn_fwd = 4 * rows * AT.score_entries(length) * mc.num_heads * mc.head_dim
-    attn_bwd = 2 * attn_fwd
+    attn_bwd = 2.5 * attn_fwd
   layer_fwd = 2 * tokens * (frozen + adapters) + attn
   head = 2 * tokens * d * v
   fwd = n_layers * layer_fwd + head
@@ -73,8 +74,8 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
       f"adapter weights per layer, A = 4 rows T^2 N H = {attn} attention FLOPs per layer (QK^T and PV over the "
       f"full T x T), D = {d}, V = {v}. "
       + (f"With attention=dot the queries go in blocks of {AT.query_block(length)} against the keys up to "
-         f"each block's end: A_d = {attn_fwd:.6g} forward and 2 A_d backward are computed, so 'executed' counts "
-         "A_d and 2 A_d where 'model' counts A and 2 A. "
+         f"each block's end: A_d = {attn_fwd:.6g} forward and 2.5 A_d backward (Q K^T recomputed) are computed, "
+         "so 'executed' counts A_d and 2.5 A_d where 'model' counts A and 2 A. "
          if attention != "splash" else
          f"With attention=splash the kernel computes only the {splash.causal_blocks(length)[0]} of "
          f"{splash.causal_blocks(length)[1]} tiles ({splash.block_size(length)} x {splash.block_size(length)}) "
