@@ -111,12 +111,9 @@ class Linear(nn.Module):
     kernel = self.param("kernel", Q.init_fn(self.quant or Q.QuantSpec(), self.axes),
                         (d_in, self.features), self.param_dtype)
     if isinstance(kernel, (Q.NF4Weight, Q.Int4Weight)):
-      # Recomputed in the backward pass rather than saved: only the 4-bit codes stay live
-      # across layers, never every layer's dequantized weights.
-      w = jax.checkpoint(lambda k: Q.dequantize(k, self.dtype))(kernel)
+      y = Q.matmul(x, kernel, self.dtype)  # its backward rebuilds W from the codes: no dense W saved
     else:
-      w = kernel.astype(self.dtype)
-    y = jnp.dot(x.astype(self.dtype), w)
+      y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.lora is None:
       return y
     if self.lora.frozen_rank:  # earlier stages' adapters, frozen, scales folded into frozen_b

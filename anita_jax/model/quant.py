@@ -20,12 +20,15 @@ orientation, so it can be sharded along the weight's logical axes:
             .scales        fp32  [..., g, O]
 
 `quantize` runs on the host in numpy, one checkpoint tensor at a time; `dequantize`
-runs in jnp right before the matmul.
+runs in jnp right before the matmul. `matmul` is that product with a backward pass that
+dequantizes again from the codes instead of keeping the dense weight: whatever remat policy
+wraps a layer, only the 4-bit leaves live between the forward and the backward.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -344,6 +347,33 @@ def dequantize(kernel, dtype=jnp.float32) -> Array:
   if isinstance(kernel, (NF4Weight, Int4Weight)):
     return kernel.dequantize(dtype)
   return jnp.asarray(kernel).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x: Array, kernel: QuantizedWeight, dtype) -> Array:
+  """x [..., I] @ W [I, O] in `dtype` for a 4-bit kernel.
+
+  Autodiff of `x @ dequantize(kernel)` saves the dense W for dx = dy W^T, and no
+  `jax.checkpoint` around the dequantization can stop it: the saved value is the dot's
+  input. Here the backward keeps x and the kernel (its 4-bit leaves) and rebuilds W.
+  The kernel is frozen: its cotangent is zero.
+  """
+  return jnp.dot(x.astype(dtype), kernel.dequantize(dtype))
+
+
+def _matmul_fwd(x, kernel, dtype):
+  return matmul(x, kernel, dtype), (x, kernel)
+
+
+def _matmul_bwd(dtype, residuals, dy):
+  x, kernel = residuals
+  w = kernel.dequantize(dtype)
+  # dy [..., O] contracted with W's O axis: dx = dy W^T without a transposed copy of W.
+  dx = jax.lax.dot_general(dy.astype(dtype), w, (((dy.ndim - 1,), (1,)), ((), ())))
+  return dx.astype(x.dtype), None
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 _WEIGHT_LIKE = ("codes", "absmax", "absmax_q", "values", "scales")  # take the weight's axis names
