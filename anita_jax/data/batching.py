@@ -147,11 +147,6 @@ class BatchIterator:
                       f"batch_size={self.batch_size}")
     return steps
 
-  @property
-  def steps_per_epoch(self) -> int:
-    """Steps of epoch 0 (later epochs can differ by a few steps with packing; see `steps_for_epochs`)."""
-    return self.steps_in_epoch(0)
-
   def steps_for_epochs(self, epochs: int) -> int:
     """Steps in epochs 0 .. epochs - 1: the length of a `train.epochs` run."""
     return sum(self.steps_in_epoch(e) for e in range(epochs))
@@ -178,11 +173,18 @@ class BatchIterator:
   def __iter__(self):
     return self
 
+  def next_groups(self) -> list[list[int]]:
+    """The example groups (rows) of the batch `next` returns, without advancing: what precomputed per-example
+    values (DPO's reference log-probs) are looked up by."""
+    epoch, index = self._epoch, self._index
+    while index >= self.steps_in_epoch(epoch):
+      epoch, index = epoch + 1, 0
+    return self.groups(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+
   def __next__(self) -> dict[str, np.ndarray]:
+    batch_groups = self.next_groups()
     while self._index >= self.steps_in_epoch(self._epoch):
       self._epoch, self._index = self._epoch + 1, 0
-    groups = self.groups(self._epoch)
-    batch_groups = groups[self._index * self.batch_size:(self._index + 1) * self.batch_size]
     share = self._rows_per_batch(self.batch_size) // self.num_processes
     self._index += 1
     return self._build(batch_groups, self.process_index * share, (self.process_index + 1) * share)

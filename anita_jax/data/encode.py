@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from anita_jax.data import parallel
 from anita_jax.data.rows import END_OF_TEXT_TOKENS, END_OF_TURN_TOKENS, Row, conversation, describe_sources, \
     detect_format, field, string
 from anita_jax.errors import UserError
@@ -180,18 +181,30 @@ def encode_example(row: Row | dict, fmt: str, tokenizer, *, mask: str = "all", m
   return ids, target
 
 
-def encode_dataset(rows: Sequence[Row], tokenizer, *, max_length: int, mask: str = "all",
-                   truncation: str = "truncate", fmt: str | None = None) -> tuple[list[Example], EncodeStats]:
-  """Every row encoded (each with its own format unless `fmt` is given); UserError if none is left."""
-  if max_length < 2:
-    raise UserError(f"max_length={max_length} must be at least 2")
-  stats = EncodeStats()
+def encode_rows(rows: Sequence[Row], tokenizer, stats: EncodeStats, *, max_length: int, mask: str = "all",
+                truncation: str = "truncate", fmt: str | None = None) -> list[Example]:
+  """The kept rows' examples, in order, counted into `stats`: `encode_dataset`'s work on a share of the rows."""
   examples = []
   for row in rows:
     out = encode_example(row, fmt or row.format, tokenizer, mask=mask, max_length=max_length,
                          truncation=truncation, stats=stats)
     if out is not None:
       examples.append(Example(np.asarray(out[0], np.int32), np.asarray(out[1], np.int32), row.where))
+  return examples
+
+
+def encode_dataset(rows: Sequence[Row], tokenizer, *, max_length: int, mask: str = "all",
+                   truncation: str = "truncate", fmt: str | None = None, workers: int = 1
+                   ) -> tuple[list[Example], EncodeStats]:
+  """Every row encoded (each with its own format unless `fmt` is given); UserError if none is left.
+
+  workers > 1: shares of the rows encoded in that many processes (`parallel.encode_rows`), the same result.
+  """
+  if max_length < 2:
+    raise UserError(f"max_length={max_length} must be at least 2")
+  stats = EncodeStats()
+  examples = parallel.encode_rows(encode_rows, rows, tokenizer, stats, workers=workers, max_length=max_length,
+                                  mask=mask, truncation=truncation, fmt=fmt)
   if not examples:
     raise UserError(f"{describe_sources(rows)}: dataset left empty after filtering ({stats}; max_length={max_length}, "
                     f"truncation='{truncation}', mask='{mask}')")

@@ -54,6 +54,7 @@ from absl import logging
 
 from anita_jax.data import batching
 from anita_jax.data import encode
+from anita_jax.data import parallel
 from anita_jax.data import rows as data
 from anita_jax.data.rows import Row
 from anita_jax.errors import UserError
@@ -133,14 +134,9 @@ def encode_preference(row: Row | dict, tokenizer, *, max_length: int, max_prompt
   return PreferenceExample(as_array(prompt), as_array(chosen), as_array(rejected), row.where)
 
 
-def encode_preferences(rows: Sequence[Row], tokenizer, *, max_length: int, max_prompt_length: int | None = None
-                       ) -> tuple[list[PreferenceExample], PreferenceStats]:
-  """Every row encoded; UserError if none is left."""
-  if max_length < 2:
-    raise UserError(f"max_length={max_length} must be at least 2")
-  if max_prompt_length is not None and max_prompt_length < 1:
-    raise UserError(f"max_prompt_length={max_prompt_length} must be at least 1")
-  stats = PreferenceStats()
+def encode_pairs(rows: Sequence[Row], tokenizer, stats: PreferenceStats, *, max_length: int,
+                 max_prompt_length: int | None = None) -> list[PreferenceExample]:
+  """The kept pairs, in order, counted into `stats`: `encode_preferences`' work on a share of the rows."""
   examples = []
   for row in rows:
     if row.format not in ("preference", "auto"):
@@ -149,6 +145,19 @@ def encode_preferences(rows: Sequence[Row], tokenizer, *, max_length: int, max_p
     ex = encode_preference(row, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, stats=stats)
     if ex is not None:
       examples.append(ex)
+  return examples
+
+
+def encode_preferences(rows: Sequence[Row], tokenizer, *, max_length: int, max_prompt_length: int | None = None,
+                       workers: int = 1) -> tuple[list[PreferenceExample], PreferenceStats]:
+  """Every row encoded; UserError if none is left. workers > 1: in that many processes, the same result."""
+  if max_length < 2:
+    raise UserError(f"max_length={max_length} must be at least 2")
+  if max_prompt_length is not None and max_prompt_length < 1:
+    raise UserError(f"max_prompt_length={max_prompt_length} must be at least 1")
+  stats = PreferenceStats()
+  examples = parallel.encode_rows(encode_pairs, rows, tokenizer, stats, workers=workers, max_length=max_length,
+                                  max_prompt_length=max_prompt_length)
   if not examples:
     raise UserError(f"{data.describe_sources(rows)}: dataset left empty after filtering ({stats}; "
                     f"max_length={max_length}, max_prompt_length={max_prompt_length})")

@@ -21,6 +21,7 @@ state): `anita_jax.data.batching`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -97,33 +98,37 @@ def _read_json(path: str, data: bytes) -> list[tuple[int, dict]]:
   return list(enumerate(array, 1))
 
 
-def _read_parquet(path: str) -> list[tuple[int, dict]]:
+def _read_parquet(path: str, name: str) -> list[tuple[int, dict]]:
   import pyarrow.parquet as pq
   try:
     table = pq.read_table(path)
   except Exception as e:  # noqa: BLE001 - any reader failure means the file is not usable parquet
-    reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-    raise UserError(f"{path}: not a readable parquet file ({reason})") from None
+    reason = (str(e).splitlines() or [type(e).__name__])[0][:200].replace(path, name)
+    raise UserError(f"{name}: not a readable parquet file ({reason})") from None
   return list(enumerate(table.to_pylist(), 1))
 
 
-def _read_file(path: str) -> list[tuple[int, dict]]:
+def _read_file(path: str, name: str) -> list[tuple[int, dict]]:
+  """The rows of the local file `path`; errors name `name`, the file as the user gave it (its gs:// URL for
+  the local copy of one)."""
   if path.endswith(".parquet"):
-    return _read_parquet(path)
+    return _read_parquet(path, name)
   try:
     with open(path, "rb") as f:
       data = f.read()
   except OSError as e:
-    raise UserError(f"{path}: cannot read ({e.strerror})") from None
-  return files.read_jsonl(path, data=data) if path.endswith(".jsonl") else _read_json(path, data)
+    raise UserError(f"{name}: cannot read ({e.strerror})") from None
+  return files.read_jsonl(name, data=data) if path.endswith(".jsonl") else _read_json(name, data)
 
 
-def _local_files(source: str) -> list[str]:
-  if os.path.isfile(source):
-    if not source.endswith(EXTENSIONS):
+def _local_files(local: str, source: str) -> list[str]:
+  """The data files of `local` (a file, or a directory searched recursively), sorted; errors name `source`,
+  what `local` is a copy of."""
+  if os.path.isfile(local):
+    if not local.endswith(EXTENSIONS):
       raise UserError(f"{source}: not a data file (expected {', '.join(EXTENSIONS)})")
-    return [source]
-  files = sorted(os.path.join(d, f) for d, _, names in os.walk(source) for f in names if f.endswith(EXTENSIONS))
+    return [local]
+  files = sorted(os.path.join(d, f) for d, _, names in os.walk(local) for f in names if f.endswith(EXTENSIONS))
   if not files:
     raise UserError(f"{source}: the directory holds no {', '.join(EXTENSIONS)} files")
   return files
@@ -168,10 +173,10 @@ def load_rows(sources: str | Sequence[str], *, split: str = "train", config_name
   rows: list[Row] = []
   for source in sources:
     if files.is_remote(source) or os.path.exists(source):
-      # gs://...: read from a local copy; rows are named by the source's own paths either way
+      # gs://...: read from a local copy; rows and errors are named by the source's own paths either way
       local = files.local_copy(source) if files.is_remote(source) else source
-      raw = [Row(source + path[len(local):], number, data) for path in _local_files(local)
-             for number, data in _read_file(path)]
+      named = [(path, source + path[len(local):]) for path in _local_files(local, source)]
+      raw = [Row(name, number, data) for path, name in named for number, data in _read_file(path, name)]
       raw = [r for start, stop in _split_ranges(split, len(raw), source) for r in raw[start:stop]]
       raw = raw[:max_rows] if max_rows is not None else raw
     elif _looks_like_hub_id(source):
@@ -185,6 +190,19 @@ def load_rows(sources: str | Sequence[str], *, split: str = "train", config_name
       validate_row(r, source_fmt)
     rows.extend(dataclasses.replace(r, format=source_fmt) for r in raw)
   return rows
+
+
+def fingerprint(rows: Sequence[Row]) -> str:
+  """sha256 of the rows' contents and formats, in order: what changes if any row a run reads changes.
+
+  Keyed on content, not on paths or modification times, so the same file copied to gs:// or renamed keeps its
+  fingerprint and an edited file in place does not.
+  """
+  h = hashlib.sha256()
+  for r in rows:
+    h.update(json.dumps([r.format, r.data], sort_keys=True, ensure_ascii=False, default=str).encode())
+    h.update(b"\n")
+  return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from anita_jax.data import batching
 from anita_jax.data import encode
 from anita_jax.infer import score
-from anita_jax.model import lora as LA
+from anita_jax.model import tree as PT
 from anita_jax.model import losses
 from anita_jax.train import config as C
 
@@ -28,10 +28,10 @@ class StepSpec:
   stage: str
   grad_accum: int
   head_chunk: int = 16  # positions per chunk of the fused head and log-softmax (`losses.head_token_stats`)
-  beta: float = 0.1
-  loss_type: str = "sigmoid"
-  label_smoothing: float = 0.0
-  sft_weight: float = 0.0
+  beta: float = C.DpoFields.beta
+  loss_type: str = C.DpoFields.loss_type
+  label_smoothing: float = C.DpoFields.label_smoothing
+  sft_weight: float = C.DpoFields.sft_weight
   has_dropout: bool = False
 
 
@@ -39,7 +39,7 @@ def token_stats(model, trainable, frozen, batch, rng, spec: StepSpec, **model_kw
   """`score.token_stats` of the model on `batch`, the trainable and frozen leaves combined."""
   head_name = "embed_tokens" if model.config.tie_word_embeddings else "lm_head"
   rngs = {"dropout": rng} if spec.has_dropout else None
-  return score.token_stats(model, LA.combine(trainable, frozen), batch, head_trainable=head_name in trainable,
+  return score.token_stats(model, PT.combine(trainable, frozen), batch, head_trainable=head_name in trainable,
                            chunk=spec.head_chunk, rngs=rngs, **model_kwargs)
 
 
@@ -60,8 +60,8 @@ class Objective:
     """Whether the step also runs the model with the adapters off."""
     return False
 
-  def encode(self, c: C.StageConfig, rows, tokenizer):
-    """(examples, stats) of loaded rows."""
+  def encode(self, c: C.StageConfig, rows, tokenizer, *, workers: int = 1):
+    """(examples, stats) of loaded rows; workers > 1 encodes them in that many processes, the same result."""
     raise NotImplementedError
 
   def iterator(self, examples, c: C.StageConfig, *, batch_size: int, seed: int, pad_id: int, num_processes: int,
@@ -105,10 +105,10 @@ class Nll(Objective):
   def __init__(self, text: bool = False):
     self.text = text  # format "auto" means plain text rows
 
-  def encode(self, c, rows, tokenizer):
+  def encode(self, c, rows, tokenizer, *, workers=1):
     fmt = "text" if self.text and c.data.format == "auto" else None
     return encode.encode_dataset(rows, tokenizer, max_length=c.data.max_length, mask=c.data.mask,
-                            truncation=c.data.truncation, fmt=fmt)
+                                 truncation=c.data.truncation, fmt=fmt, workers=workers)
 
   def iterator(self, examples, c, *, batch_size, seed, pad_id, num_processes, process_index):
     return batching.BatchIterator(examples, batch_size=batch_size, max_length=c.data.max_length, seed=seed,
