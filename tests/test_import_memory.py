@@ -117,11 +117,7 @@ def test_a_base_is_imported_once_per_files_and_form(tiny_hf_dir, tmp_path, monke
   form reuses the placed leaves; changed files or another quantization import again, replacing the entry."""
   import shutil
 
-  import jax
-
   from anita_jax.convert import loading
-  from anita_jax.model import lora as LA
-  from anita_jax.model import sharding as S
   from anita_jax.train import config as C
   from anita_jax.train import state as ST
   base = str(tmp_path / "base")
@@ -130,6 +126,25 @@ def test_a_base_is_imported_once_per_files_and_form(tiny_hf_dir, tmp_path, monke
   real = loading.load_weights
   monkeypatch.setattr(loading, "load_weights", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
   c = C.from_dict({"data": {"train": "x"}, "mesh": {"data": 1}, "quant": {"type": "nf4"}})
+  ST._load(c, base, None, False, None)
+  ST._load(c, base, None, False, None)
+  assert len(calls) == 2  # no cache open: every load imports
+  calls.clear()
+  with ST.BaseCache() as cache:
+    _check_one_import_per_files_and_form(c, base, calls)
+    assert cache.value is not None
+  assert cache.value is None  # closed: the arrays are dropped
+
+
+def _check_one_import_per_files_and_form(c, base, calls):
+  import jax
+
+  from anita_jax.convert import loading
+  from anita_jax.model import lora as LA
+  from anita_jax.model import tree as PT
+  from anita_jax.model import sharding as S
+  from anita_jax.train import config as C
+  from anita_jax.train import state as ST
   first, _ = ST._load(c, base, None, False, None)
   second, _ = ST._load(c, base, None, False, None)
   assert len(calls) == 1
@@ -138,12 +153,12 @@ def test_a_base_is_imported_once_per_files_and_form(tiny_hf_dir, tmp_path, monke
   # a stacked stage (the earlier stages' adapters frozen beside the base) stands on the same base
   abstract = ST.abstract_stage(c, loading.load_config(base), S.make_mesh(1, 1, 1), with_optimizer=False,
                                frozen_rank=4)
-  earlier = {p: np.zeros(v.shape, np.float32) for p, v in LA.flatten(abstract.frozen).items()
+  earlier = {p: np.zeros(v.shape, np.float32) for p, v in PT.flatten(abstract.frozen).items()
              if p[-1] in LA.FROZEN_LEAVES}
-  stacked, _ = ST._load(c, base, None, False, (4, LA.unflatten(earlier)))
-  assert len(calls) == 1 and LA.flatten(stacked.frozen).keys() == LA.flatten(abstract.frozen).keys()
+  stacked, _ = ST._load(c, base, None, False, (4, PT.unflatten(earlier)))
+  assert len(calls) == 1 and PT.flatten(stacked.frozen).keys() == PT.flatten(abstract.frozen).keys()
   os.utime(os.path.join(base, "model.safetensors"), ns=(0, 0))  # the files changed: read them again
   ST._load(c, base, None, False, None)
   assert len(calls) == 2
   ST._load(C.replace(c, **{"quant.type": "int4"}), base, None, False, None)
-  assert len(calls) == 3 and len(ST._BASE_CACHE) == 1
+  assert len(calls) == 3

@@ -204,16 +204,12 @@ def check_dpo_options(loss_type: str, label_smoothing: float) -> None:
 
 
 def dpo_loss(policy_chosen: Array, policy_rejected: Array, ref_chosen: Array, ref_rejected: Array, *,
-             beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             chosen_tokens: Array | None = None, rejected_tokens: Array | None = None,
-             sft_weight: float = 0.0) -> Array:
+             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: Array | None = None, rejected_tokens: Array | None = None) -> Array:
   """Per-pair DPO losses [B] fp32 from summed completion log-probs [B]; the step loss is their mean.
 
   chosen_tokens, rejected_tokens: completion token counts [B], needed by "ipo"
-    (which averages the log-ratios per token) and by the SFT term.
-  sft_weight: adds sft_weight * (mean NLL over all chosen completion tokens of
-    the batch) to every pair, as TRL's loss_type=[loss_type, "sft"] with
-    loss_weights=[1, sft_weight] (TRL 1.16's replacement for `rpo_alpha`).
+    (which averages the log-ratios per token).
   """
   check_dpo_options(loss_type, label_smoothing)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
@@ -234,12 +230,18 @@ def dpo_loss(policy_chosen: Array, policy_rejected: Array, ref_chosen: Array, re
     delta_b = (chosen_ratio_b / jnp.maximum(f32(chosen_tokens), 1.0)
                - rejected_ratio_b / jnp.maximum(f32(rejected_tokens), 1.0))
     losses_b = (delta_b - 1 / (2 * beta)) ** 2
-  if sft_weight:
-    if chosen_tokens is None:
-      raise ValueError("the SFT term needs chosen_tokens")
-    sft_nll = -jnp.sum(f32(policy_chosen)) / jnp.maximum(jnp.sum(f32(chosen_tokens)), 1.0)
-    losses_b = losses_b + sft_weight * sft_nll
   return losses_b
+
+
+def chosen_nll(chosen_logps: Array, chosen_tokens: Array) -> Array:
+  """The SFT term of TRL's loss_type=[..., "sft"]: the token-mean NLL of the chosen completions.
+
+  chosen_logps: their summed log-probs (zero for absent pairs); chosen_tokens: the tokens
+  the mean runs over (per-pair counts or one total: summed either way). With gradient
+  accumulation the total is the step's, so the micro-batches' terms add up to the step's mean.
+  """
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  return -jnp.sum(f32(chosen_logps)) / jnp.maximum(jnp.sum(f32(chosen_tokens)), 1.0)
 
 
 def dpo_metrics(policy_chosen: Array, policy_rejected: Array, ref_chosen: Array, ref_rejected: Array, *,

@@ -3,9 +3,10 @@
 The frozen dataclasses below are the one list of fields. Recipe configs
 (`configs/*.py`) start from `stage_config(stage)`, a ConfigDict built from
 them, and change fields; `--config.FIELD=VALUE` overrides any of them.
-`freeze` turns that ConfigDict into a `StageConfig`, validated: this is the
-only module that imports ml_collections, and everything below the entry
-points reads plain frozen dataclasses. Importable without JAX.
+`freeze` turns that ConfigDict into a `StageConfig`, validated: below the
+entry points (apps/ and the scripts, which also hold ConfigDicts) this is the
+only module that imports ml_collections; everything else reads plain frozen
+dataclasses. Importable without JAX.
 """
 
 from __future__ import annotations
@@ -234,6 +235,13 @@ def replace(c: StageConfig, **fields) -> StageConfig:
   return apply(c, changes)
 
 
+def check_batch_split(c: StageConfig, shards: int) -> None:
+  """Raises UserError unless train.batch_size splits evenly over the `shards` (mesh.data x mesh.fsdp) devices."""
+  if c.train.batch_size % shards:
+    raise UserError(f"config field 'train.batch_size'={c.train.batch_size}: not divisible by mesh.data x mesh.fsdp "
+                    f"= {shards}, the devices the batch is split over")
+
+
 def trainable_groups(c: StageConfig) -> tuple[str, ...]:
   return tuple(files.split_list(c.train.trainable))
 
@@ -275,7 +283,10 @@ def validate(c: StageConfig) -> None:
   for field, value, low in (("train.batch_size", c.train.batch_size, 1), ("train.grad_accum", c.train.grad_accum, 1),
                             ("data.max_length", c.data.max_length, 2), ("train.log_every", c.train.log_every, 1),
                             ("checkpoint.every", c.checkpoint.every, 1), ("checkpoint.keep", c.checkpoint.keep, 1),
-                            ("train.steps", c.train.steps, 0), ("train.epochs", c.train.epochs, 1)):
+                            ("train.steps", c.train.steps, 0), ("train.epochs", c.train.epochs, 1),
+                            ("train.eval_every", c.train.eval_every, 0)):
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise UserError(f"config field '{field}'={value!r}: must be an integer >= {low}")
     if value < low:
       raise UserError(f"config field '{field}'={value}: must be >= {low}")
   if not 0 <= c.train.warmup_ratio < 1:

@@ -18,9 +18,13 @@ The SFT term is then the token mean over the step's chosen completions.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import io
+import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +38,7 @@ from anita_jax.model import sharding as S
 from anita_jax.train.objective import Objective, StepSpec, token_stats
 
 REFERENCE_FILE = "reference_logps.npy"
+REFERENCE_KEY_FILE = "reference_logps.json"  # what the file was computed from (`cached_reference`)
 
 
 class Dpo(Objective):
@@ -52,9 +57,9 @@ class Dpo(Objective):
       return c.train.batch_size, preference.packed_row_length(c.data.max_length)
     return super().batch_shape(c)
 
-  def encode(self, c, rows, tokenizer):
+  def encode(self, c, rows, tokenizer, *, workers=1):
     return preference.encode_preferences(rows, tokenizer, max_length=c.data.max_length,
-                                         max_prompt_length=c.data.max_prompt_length)
+                                         max_prompt_length=c.data.max_prompt_length, workers=workers)
 
   def iterator(self, examples, c, *, batch_size, seed, pad_id, num_processes, process_index):
     return preference.PreferenceBatchIterator(examples, batch_size=batch_size, max_length=c.data.max_length,
@@ -83,10 +88,8 @@ class Dpo(Objective):
                                label_smoothing=spec.label_smoothing, chosen_tokens=ntok[:b],
                                rejected_tokens=ntok[b:])
     loss = jnp.mean(per_pair)
-    if spec.sft_weight:  # TRL's loss_type=["sigmoid", "sft"]: the chosen completions' token-mean NLL
-      chosen = {k: v[:b] for k, v in batch.items() if k != "ref_logps"}
-      sum_nll, count = losses.nll_terms(logp[:b], chosen)
-      loss = loss + spec.sft_weight * sum_nll / jnp.maximum(count, 1.0)
+    if spec.sft_weight:  # TRL's loss_type=["sigmoid", "sft"]
+      loss = loss + spec.sft_weight * losses.chosen_nll(logps[:b], ntok[:b])
     loss = loss / spec.grad_accum
     metrics = losses.dpo_metrics(logps[:b], logps[b:], ref[:b], ref[b:], beta=spec.beta, chosen_tokens=ntok[:b],
                                  rejected_tokens=ntok[b:], chosen_mean_logit=mean_logit[:b],
@@ -109,13 +112,9 @@ class Dpo(Objective):
     per_pair = losses.dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=spec.beta, loss_type=spec.loss_type,
                                label_smoothing=spec.label_smoothing, chosen_tokens=ntok[:b],
                                rejected_tokens=ntok[b:])
-    if spec.sft_weight:  # the chosen completions' token-mean NLL, as in the training loss
-      sum_nll, count = losses.nll_terms(logp[:b], {k: v[:b] for k, v in batch.items()})
-      per_pair = per_pair + spec.sft_weight * sum_nll / jnp.maximum(count, 1.0)
-    margin = spec.beta * ((logps[:b] - ref[:b]) - (logps[b:] - ref[b:]))
-    count = lambda x: jnp.sum(jnp.where(real, x, 0.0))  # noqa: E731
-    return {"loss_sum": count(per_pair), "weight": count(1.0), "acc_sum": count((margin > 0).astype(jnp.float32)),
-            "margin_sum": count(margin)}
+    if spec.sft_weight:  # as in the training loss
+      per_pair = per_pair + spec.sft_weight * losses.chosen_nll(logps[:b], ntok[:b])
+    return _eval_sums(spec, logps[:b], logps[b:], ref[:b], ref[b:], per_pair, real)
 
   def eval_metrics(self, totals):
     return {"eval_loss": totals["loss_sum"] / max(totals["weight"], 1.0),
@@ -171,27 +170,53 @@ def reference_logps(stage, examples, batch_size: int, max_length: int, pad_id: i
   return out
 
 
+def reference_key(c, examples) -> str:
+  """sha256 of what the reference log-probs are a function of: every pair's token ids, in order, and the fields
+  that pick the reference model (its base, dtype, quantization, the earlier stages it stacks)."""
+  h = hashlib.sha256(json.dumps([c.model.path, c.model.dtype, dataclasses.asdict(c.quant), c.init_from, c.init_as,
+                                 c.merge_into]).encode())
+  for ex in examples:
+    for ids in (ex.prompt_ids, ex.chosen_ids, ex.rejected_ids):
+      ids = np.asarray(ids, np.int64)
+      h.update(np.int64(ids.size).tobytes() + ids.tobytes())
+  return h.hexdigest()
+
+
 def cached_reference(stage, it, workdir: str) -> np.ndarray:
-  """The reference log-probs of every training pair, from WORKDIR/reference_logps.npy or computed and saved."""
-  path = os.path.join(workdir, REFERENCE_FILE)
-  if files.isfile(path):
-    ref = np.load(io.BytesIO(files.read_bytes(path)), allow_pickle=False)
-    if ref.shape == (len(it.examples), 2):
-      return ref
+  """The reference log-probs of every training pair, from WORKDIR/reference_logps.npy or computed and saved.
+
+  The file is used only when its sidecar (`REFERENCE_KEY_FILE`) holds this run's `reference_key` and the
+  file's own sha256: other pairs (edited data, another max_length or tokenizer) or another reference model
+  recompute it, and so does a file left without its sidecar by a run killed between the two writes."""
+  path, key_path = os.path.join(workdir, REFERENCE_FILE), os.path.join(workdir, REFERENCE_KEY_FILE)
   c = stage.config
+  key = reference_key(c, it.examples)
+  if files.isfile(path):
+    data = files.read_bytes(path)
+    saved = json.loads(files.read_bytes(key_path)) if files.isfile(key_path) else {}
+    if saved == {"pairs": key, "file_sha256": hashlib.sha256(data).hexdigest()}:
+      return np.load(io.BytesIO(data), allow_pickle=False)
+    if jax.process_index() == 0:
+      print(f"{path}: computed for other pairs or another reference model; computing it again", file=sys.stderr,
+            flush=True)
   ref = reference_logps(stage, it.examples, c.train.batch_size, c.data.max_length, it.pad_id)
   if jax.process_index() == 0:
-    files.atomic_write(path, lambda tmp: np.save(tmp, ref, allow_pickle=False))
+    buffer = io.BytesIO()
+    np.save(buffer, ref, allow_pickle=False)
+    files.atomic_write(path, lambda tmp: _write_bytes(tmp, buffer.getvalue()))
+    files.write_json(key_path, {"pairs": key, "file_sha256": hashlib.sha256(buffer.getvalue()).hexdigest()})
   return ref
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+  with open(path, "wb") as f:
+    f.write(data)
 
 
 def _reference_rows(it, ref: np.ndarray) -> np.ndarray:
   """This process's rows of the next batch's reference log-probs ([2B] global rows: chosen, then rejected)."""
-  epoch, index = it.state()
-  while index >= it.steps_in_epoch(epoch):
-    epoch, index = epoch + 1, 0
   b = it.batch_size
-  pairs = [g[0] for g in it.groups(epoch)[index * b:(index + 1) * b]]
+  pairs = [g[0] for g in it.next_groups()]
   share = 2 * b // it.num_processes
   rows = range(it.process_index * share, (it.process_index + 1) * share)
   return np.asarray([ref[pairs[r % b], 0 if r < b else 1] for r in rows], np.float32)
@@ -237,9 +262,9 @@ def packed_loss(model, trainable, frozen, batch, rng, spec: StepSpec, normalizer
   pol, ref, per_pair = _packed_terms(model, trainable, frozen, batch, rng, spec, "ref_logps" in batch)
   logps = pol["logps"]
   loss = jnp.sum(per_pair) / jnp.maximum(counts["pairs"], 1.0)
-  if spec.sft_weight:  # the step's chosen completions' token-mean NLL
-    sum_nll = -jnp.sum(jnp.where(pol["present"], logps[:, 0], 0.0))
-    loss = loss + spec.sft_weight * sum_nll / jnp.maximum(counts["chosen_tokens"], 1.0)
+  if spec.sft_weight:  # over the step's chosen completions
+    chosen = jnp.where(pol["present"], logps[:, 0], 0.0)
+    loss = loss + spec.sft_weight * losses.chosen_nll(chosen, counts["chosen_tokens"])
   sums = losses.dpo_metric_sums(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=spec.beta,
                                 present=pol["present"])
   metrics = {k: v / jnp.maximum(counts["pairs"], 1.0) for k, v in sums.items()}
@@ -253,11 +278,16 @@ def packed_eval_sums(model, spec, params, frozen, batch) -> dict:
   """`Dpo.eval_sums` of a packed batch: sums over its pairs (padding rows have none)."""
   pol, ref, per_pair = _packed_terms(model, params, frozen, batch, None, spec, False)
   logps, present = pol["logps"], pol["present"]
-  if spec.sft_weight:  # the batch's chosen completions' token-mean NLL, as the unpacked eval
-    sum_nll = -jnp.sum(jnp.where(present, logps[:, 0], 0.0))
-    per_pair = per_pair + spec.sft_weight * sum_nll / jnp.maximum(jnp.sum(pol["tokens"][:, 0]), 1.0)
-  margin = spec.beta * ((logps[:, 0] - ref[:, 0]) - (logps[:, 1] - ref[:, 1]))
-  count = lambda x: jnp.sum(jnp.where(present, x, 0.0))  # noqa: E731
+  if spec.sft_weight:  # over the batch's chosen completions, as the unpacked eval
+    per_pair = per_pair + spec.sft_weight * losses.chosen_nll(jnp.where(present, logps[:, 0], 0.0),
+                                                              pol["tokens"][:, 0])
+  return _eval_sums(spec, logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], per_pair, present)
+
+
+def _eval_sums(spec, chosen, rejected, ref_chosen, ref_rejected, per_pair, real) -> dict:
+  """Sums over the real pairs of the eval loss, reward accuracy and margin (`Dpo.eval_metrics` divides)."""
+  margin = spec.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+  count = lambda x: jnp.sum(jnp.where(real, x, 0.0))  # noqa: E731
   return {"loss_sum": count(per_pair), "weight": count(1.0), "acc_sum": count((margin > 0).astype(jnp.float32)),
           "margin_sum": count(margin)}
 
@@ -265,12 +295,8 @@ def packed_eval_sums(model, spec, params, frozen, batch) -> dict:
 def _packed_reference_rows(it, ref: np.ndarray) -> np.ndarray:
   """This process's rows of the next packed batch's reference table [rows, T]: columns 2k, 2k + 1 hold the
   reference log-probs (chosen, rejected) of the row's pair k (`_packed_terms`)."""
-  epoch, index = it.state()
-  while index >= it.steps_in_epoch(epoch):
-    epoch, index = epoch + 1, 0
-  b = it.batch_size
-  share = b // it.num_processes
-  groups = it.groups(epoch)[index * b:(index + 1) * b][it.process_index * share:(it.process_index + 1) * share]
+  share = it.batch_size // it.num_processes
+  groups = it.next_groups()[it.process_index * share:(it.process_index + 1) * share]
   table = np.zeros((share, it.max_length), np.float32)
   for r, group in enumerate(groups):
     for k, pair in enumerate(group):

@@ -12,6 +12,7 @@ trees: gradients and optimizer state exist only for the trainable tree.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ import optax
 
 from anita_jax.convert import loading
 from anita_jax.model import lora as LA
+from anita_jax.model import tree as PT
 from anita_jax.model import quant as Q
 from anita_jax.model import sharding as S
 from anita_jax.model.llama import Llama
@@ -29,7 +31,7 @@ from anita_jax.train import config as C
 from anita_jax.train.checkpoint import Checkpoints
 from anita_jax.train.objective import StepSpec
 from anita_jax.train.optim import make_optimizer
-from anita_jax.train.step import objective
+from anita_jax.train.objectives import objective
 
 
 @dataclasses.dataclass
@@ -106,7 +108,7 @@ def abstract_stage(c, model_config, mesh, tokenizer=None, base_path: str = "", *
   shardings = S.shardings_of(boxed, mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.meta.unbox(boxed), shardings)
-  trainable, frozen = LA.partition(abstract, LA.trainable_mask(abstract, C.trainable_groups(c)))
+  trainable, frozen = PT.partition(abstract, PT.trainable_mask(abstract, C.trainable_groups(c)))
   # Groups other than the adapters (norms, embeddings, lm_head) train in fp32.
   trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), trainable)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -125,18 +127,43 @@ def abstract_stage(c, model_config, mesh, tokenizer=None, base_path: str = "", *
                tokenizer, model_config, spec, step_spec(c, model_config, mesh), base_path)
 
 
-# The last base loaded, in its final (quantized, placed) form, for whatever asks next for the same files in the
-# same form: the recipe's stages, exports and report models all stand on one base, and importing and quantizing an
-# 8B base takes minutes each time. One entry: a different base replaces it before it is read. Frozen leaves are
-# never donated or changed in place, so sharing them is safe.
-_BASE_CACHE: dict = {}
+class BaseCache:
+  """The last base loaded, in its final (quantized, placed) form, for whatever asks next for the same files in
+  the same form, while the cache is open (`with BaseCache():`).
+
+  The recipe's stages, exports and report models all stand on one base, and importing and quantizing an 8B
+  base takes minutes each time; the recipe opens one cache for its run. One entry: a different base replaces it
+  before it is read. Leaving the `with` block drops the arrays (outside one, every load imports). Frozen leaves
+  are never donated or changed in place, so sharing them is safe.
+  """
+
+  def __init__(self):
+    self.key, self.value, self._token = None, None, None
+
+  def get(self, key, load):
+    if self.value is None or self.key != key:
+      self.clear()
+      self.key, self.value = key, load()
+    return self.value
+
+  def clear(self) -> None:
+    self.key, self.value = None, None
+
+  def __enter__(self) -> "BaseCache":
+    self._token = _OPEN_CACHE.set(self)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    _OPEN_CACHE.reset(self._token)
+    self.clear()
+
+
+_OPEN_CACHE: contextvars.ContextVar[BaseCache | None] = contextvars.ContextVar("base_cache", default=None)
 
 
 def _cached_base(key, load):
-  if key not in _BASE_CACHE:
-    _BASE_CACHE.clear()
-    _BASE_CACHE[key] = load()
-  return _BASE_CACHE[key]
+  cache = _OPEN_CACHE.get()
+  return load() if cache is None else cache.get(key, load)
 
 
 def _load(c: C.StageConfig, base_path: str, mesh, with_optimizer: bool, frozen_adapters) -> tuple[Stage, dict]:
@@ -149,7 +176,7 @@ def _load(c: C.StageConfig, base_path: str, mesh, with_optimizer: bool, frozen_a
   frozen_rank, stacked = frozen_adapters or (0, {})
   stage = abstract_stage(c, model_config, mesh, tokenizer, base_path, with_optimizer=with_optimizer,
                          frozen_rank=frozen_rank)
-  flat_sh = {**LA.flatten(stage.frozen_shardings), **LA.flatten(stage.state_shardings["params"])}
+  flat_sh = {**PT.flatten(stage.frozen_shardings), **PT.flatten(stage.state_shardings["params"])}
   transform = loading.leaf_transform(quant_spec(c), c.model.dtype,
                                      place=lambda path, x: jax.tree.map(S.place, x, flat_sh[path]))
   adapter = LA.LORA_LEAVES + LA.FROZEN_LEAVES  # not read from base_path: a stacked stage shares its base
@@ -157,10 +184,10 @@ def _load(c: C.StageConfig, base_path: str, mesh, with_optimizer: bool, frozen_a
          tuple((path, tuple(jax.tree.leaves(sh))) for path, sh in sorted(flat_sh.items()) if path[-1] not in adapter))
   base = _cached_base(key, lambda: loading.load_weights(base_path, scan_layers=c.model.scan_layers,
                                                         transform=transform)[1])
-  abstract = LA.flatten(stage.frozen)  # the frozen adapters' dtype: the compute dtype (see model.Linear)
-  base = LA.combine(base, LA.unflatten({p: S.place(np.asarray(v, np.float32).astype(abstract[p].dtype), flat_sh[p])
-                                        for p, v in LA.flatten(stacked).items()}))
-  moved, frozen = LA.partition(base, LA.trainable_mask(base, C.trainable_groups(c)))
+  abstract = PT.flatten(stage.frozen)  # the frozen adapters' dtype: the compute dtype (see model.Linear)
+  base = PT.combine(base, PT.unflatten({p: S.place(np.asarray(v, np.float32).astype(abstract[p].dtype), flat_sh[p])
+                                        for p, v in PT.flatten(stacked).items()}))
+  moved, frozen = PT.partition(base, PT.trainable_mask(base, C.trainable_groups(c)))
   moved = jax.tree.map(lambda x: jnp.copy(x.astype(jnp.float32)), moved)  # trained and donated: not the cache's
   return dataclasses.replace(stage, frozen=frozen), moved
 
@@ -170,11 +197,11 @@ def build_stage(c, base_path: str, mesh=None, frozen_adapters=None) -> Stage:
   (quantized on the way), fresh adapters and optimizer state (step 0)."""
   c = C.freeze(c)
   stage, moved = _load(c, base_path, mesh, True, frozen_adapters)
-  adapter_sh = LA.partition(stage.state_shardings["params"],
-                            LA.trainable_mask(stage.state_shardings["params"], ("lora",)))[0]
+  adapter_sh = PT.partition(stage.state_shardings["params"],
+                            PT.trainable_mask(stage.state_shardings["params"], ("lora",)))[0]
   init_adapters = jax.jit(lambda key: LA.init_adapters(key, stage.model_config, stage.spec, c.model.scan_layers),
                           out_shardings=adapter_sh)
-  params = LA.combine(init_adapters(jax.random.key(c.train.seed)), moved)
+  params = PT.combine(init_adapters(jax.random.key(c.train.seed)), moved)
   tx, _ = make_optimizer(c.train, 1)
   opt_state = jax.jit(tx.init, out_shardings=stage.state_shardings["opt_state"])(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), stage.state_shardings["step"])

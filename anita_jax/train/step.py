@@ -1,4 +1,4 @@
-"""The jitted optimizer step and eval step of any stage, and the objective registry they dispatch on.
+"""The jitted optimizer step and eval step of any stage, dispatched on its objective (`objectives`).
 
 `train_step` runs `grad_accum` micro-batches in a scan (gradients summed, no
 second copy of the state), then one optax update; a non-finite loss or
@@ -15,16 +15,10 @@ import jax.numpy as jnp
 import optax
 
 from anita_jax.model import sharding as S
-from anita_jax.train.dpo import Dpo
-from anita_jax.train.objective import Nll, Objective, StepSpec
+from anita_jax.train.objective import StepSpec
+from anita_jax.train.objectives import OBJECTIVES
 
-OBJECTIVES: dict[str, Objective] = {"sft": Nll(), "lm": Nll(text=True), "dpo": Dpo()}
-
-
-def objective(stage: str) -> Objective:
-  return OBJECTIVES[stage]
-
-
+BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")  # every objective's token leaves
 def train_step(model, tx, spec: StepSpec, state, frozen, batches, rng):
   """One optimizer step over `batches` (leaves [A, B, T]): returns (state, metrics)."""
   obj = OBJECTIVES[spec.stage]
@@ -77,10 +71,10 @@ def compile_eval(stage):
   return S.in_mesh(stage.mesh, jax.jit(functools.partial(eval_step, stage.model, stage.step_spec)))
 
 
-def data_shardings(stage) -> dict:
-  """Shardings of a step's batch leaves ([grad_accum, rows, T] tokens, plus the objective's extra inputs)."""
-  tokens = S.batch_sharding(stage.mesh, 3, leading=1)
-  out = {k: tokens for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
-  for name, (rank, _) in OBJECTIVES[stage.config.stage].extra_inputs(stage.config).items():
-    out[name] = S.batch_sharding(stage.mesh, rank, leading=1)
+def batch_shardings(c, mesh) -> dict:
+  """Shardings of a step's batch leaves: [grad_accum, rows, T] tokens (`BATCH_KEYS`), plus the objective's extra
+  inputs, split over (data, fsdp) along the rows."""
+  out = {k: S.batch_sharding(mesh, 3, leading=1) for k in BATCH_KEYS}
+  for name, (rank, _) in OBJECTIVES[c.stage].extra_inputs(c).items():
+    out[name] = S.batch_sharding(mesh, rank, leading=1)
   return out
