@@ -17,7 +17,8 @@ and imports only the standard library and `errors`.
 - `split_list(value)`: "a, b,,c" -> ["a", "b", "c"] (config fields and flags that hold lists).
 - `hub_id(path)`: `path` when it names a Hugging Face Hub model rather than a local file, else None.
 - Object stores: every path above and below may be a URL (`gs://bucket/run`, or anything fsspec opens):
-  `is_remote`, `absolute`, `exists` / `isfile` / `isdir`, `makedirs`, `read_bytes`, `upload_dir`, `local_copy`.
+  `is_remote`, `absolute`, `exists` / `isfile` / `isdir`, `listdir`, `makedirs`, `read_bytes`, `upload_dir`,
+  `local_copy`.
   A URL file is written whole or not at all too (an object store replaces an object atomically), through a
   local temporary file; a URL directory is read through a local copy made once per process. fsspec (and
   gcsfs for gs://) are imported only when a URL is used.
@@ -251,6 +252,19 @@ def makedirs(path: str) -> None:
   """`os.makedirs(path, exist_ok=True)`; nothing to do for a URL (its objects make their prefix)."""
   if not is_remote(path):
     os.makedirs(path, exist_ok=True)
+
+
+def listdir(path: str) -> list[str]:
+  """The names directly under a local directory or a URL prefix, sorted; [] when there is none. A URL is
+  listed afresh (fsspec's listing cache would miss objects another process wrote)."""
+  if not is_remote(path):
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+  fs, p = _fs(path)
+  fs.invalidate_cache(p)
+  try:
+    return sorted(os.path.basename(q.rstrip("/")) for q in fs.ls(p, detail=False))
+  except FileNotFoundError:
+    return []
 
 
 def read_bytes(path: str) -> bytes:

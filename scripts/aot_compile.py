@@ -7,24 +7,20 @@ Needs libtpu (pinned in requirements.txt) but no TPU: the devices are libtpu's
 compile-only ones. JAX itself runs on the CPU (JAX_PLATFORMS=cpu, the default here).
 """
 
-import glob
 import json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before JAX is imported: this host's devices stay out of it
-if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/*"):
-  # No TPU here, so no metadata server to describe one: libtpu then prints a "could not determine TPU
-  # accelerator type" warning and an INVALID_ARGUMENT error for its placeholder worker hostname. Describe
-  # this host as what it is for compile-only use, one host of its own (the compiled programs are the
-  # same); log levels stay as they are, so libtpu's real errors still show.
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
 
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from anita_jax import files  # noqa: E402
 from anita_jax.apps import cli  # noqa: E402
+
+# libtpu still starts, for its compile-only devices: on a host without a TPU, describe this host to it as one
+# host of its own (the compiled programs are the same), so it starts without its start-up warnings.
+cli.quiet_libtpu_without_tpu()
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A stage config: configs/FILE.py:ARG.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology CHIP:AxB[xC], CHIP one of v4, v5e, v5p, v6e "
@@ -43,7 +39,7 @@ _FROZEN_RANK = flags.DEFINE_integer("frozen_rank", 0, "A stacked stage (init_as=
 def main(argv):
   del argv
   from anita_jax.train import aot
-  c = cli.stage_config(_CONFIG.value, "--config")
+  c = cli.single_stage(_CONFIG.value, "--config")
   if _FIT.value:
     c, report, trials = aot.fit_micro_batch(c, _TOPOLOGY.value, _FROZEN_RANK.value)
   if not _FIT.value or _CROSS_CHECK.value:

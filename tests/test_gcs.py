@@ -119,6 +119,9 @@ def test_a_stage_killed_and_resumed_on_gs_exports_and_generates_from_gs(gcs, tin
   assert {"config.json", "model.safetensors", "tokenizer.json", "adapter/adapter_config.json",
           "adapter/adapter_model.safetensors"} <= names, names
 
+  from anita_jax.apps.commands import sampling_spec
+  assert sampling_spec(broken) == sampling_spec(f"gs://{BUCKET}/hf")  # the workdir samples as its export does
+  assert not fs.exists(f"{BUCKET}/broken/metrics.jsonl")  # rows are objects of their own, never rewritten
   prompt = ["--prompt=Ciao", "--max_new_tokens=4"]
   from_workdir = ok(run(cwd, "generate.py", [f"--model={broken}"] + prompt)).stdout
   from_export = ok(run(cwd, "generate.py", [f"--model=gs://{BUCKET}/hf"] + prompt)).stdout
@@ -159,3 +162,90 @@ def test_two_processes_train_and_resume_in_one_bucket(gcs, tiny_hf_dir, tmp_path
   rows = read_metrics(pod)
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   np.testing.assert_allclose([r["loss"] for r in rows], losses(one), rtol=1e-5)
+
+
+def test_generation_settings_of_gs_copies_are_the_local_ones(gcs, demo_config, tmp_path):
+  """A workdir's (its stage config's), an HF directory's and a PEFT adapter's (its base's) settings, read
+  from gs:// as from the local originals, without a local copy of the model."""
+  import fsspec
+
+  from anita_jax.train import config as C
+  from anita_jax.train import workdir as W
+  fs = fsspec.filesystem("gs")
+  c = demo_config("sft")
+  c.update_from_flattened_dict({"generation.temperature": 0.6, "generation.top_p": 0.9, "generation.top_k": 20})
+  workdir, hf, adapter = tmp_path / "workdir", tmp_path / "hf", tmp_path / "adapter"
+  (workdir / "checkpoints" / "1").mkdir(parents=True)
+  (workdir / "checkpoints" / "1" / "commit_success.txt").write_text("")
+  (workdir / "config.json").write_text(json.dumps(C.to_dict(C.freeze(c))))
+  hf.mkdir()
+  (hf / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.7, "top_k": 5}))
+  adapter.mkdir()
+  url = {name: f"gs://{BUCKET}/settings/{name}" for name in ("workdir", "hf", "adapter")}
+  (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": url["hf"]}))
+  for name in url:
+    fs.put(str(tmp_path / name) + "/", url[name][len("gs://"):], recursive=True)
+
+  from anita_jax import files
+  copies = files.local_copy.cache_info().misses
+  assert W.generation_config(url["workdir"]) == W.generation_config(str(workdir)) == {
+      "max_new_tokens": 256, "do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20}
+  assert W.generation_config(url["hf"]) == W.generation_config(str(hf)) == {"do_sample": True, "temperature": 0.7,
+                                                                            "top_k": 5}
+  assert W.generation_config(url["adapter"]) == W.generation_config(url["hf"])
+  assert W.generation_config(f"gs://{BUCKET}/settings/model.gguf") is None
+  assert files.local_copy.cache_info().misses == copies  # each setting read as one object, no copy made
+
+
+def test_a_bad_row_of_gs_data_is_named_by_its_url(gcs, tmp_path):
+  import fsspec
+
+  from anita_jax.data import rows as D
+  from anita_jax.errors import UserError
+  fs = fsspec.filesystem("gs")
+  good = json.dumps({"text": "ciao"}) + "\n"
+  cases = {"bad.jsonl": (good + "{not json\n").encode(), "dir/sub/bad.jsonl": (good + "[1]\n").encode(),
+           "bad.json": b'[{"text": "ciao"},\n  {"text": }]', "bad.parquet": b"PAR1 not parquet",
+           "missing.jsonl": (good + json.dumps({"other": 1}) + "\n").encode()}
+  for name, data in cases.items():
+    fs.pipe(f"{BUCKET}/data/{name}", data)
+  for source, where in [("bad.jsonl", "bad.jsonl:2"), ("dir", "dir/sub/bad.jsonl:2"), ("bad.json", "bad.json:2"),
+                        ("bad.parquet", "bad.parquet: not a readable parquet file"),
+                        ("missing.jsonl", "missing.jsonl:2")]:
+    with pytest.raises(UserError) as e:
+      D.load_rows(f"gs://{BUCKET}/data/{source}", fmt="text" if source == "missing.jsonl" else "auto")
+    assert str(e.value).startswith(f"gs://{BUCKET}/data/{where}"), str(e.value)
+    assert "anita-download-" not in str(e.value)  # never the local copy
+
+
+def test_metrics_of_a_gs_workdir_are_appended_one_object_per_flush(gcs):
+  """Each logged row is one new object: nothing written earlier is rewritten, a resumed run numbers on, and
+  `read_metrics` gives every row in step order (the later row of a step re-logged after a resume wins)."""
+  import fsspec
+
+  from anita_jax.train.metrics import MetricsWriter, read_metrics
+  fs = fsspec.filesystem("gs")
+  workdir = f"gs://{BUCKET}/metrics-run"
+  pieces = f"{BUCKET}/metrics-run/metrics.jsonl.d"
+
+  def objects():
+    fs.invalidate_cache()
+    return {p.rsplit("/", 1)[1]: (fs.info(p)["generation"], fs.cat(p)) for p in fs.ls(pieces)}
+
+  writer = MetricsWriter(workdir, total_steps=5)
+  for step in (1, 2, 3):
+    writer.write(step, {"loss": 10.0 - step})
+  writer.close()
+  first = objects()
+  assert sorted(first) == ["00000001.jsonl", "00000002.jsonl", "00000003.jsonl"]
+
+  resumed = MetricsWriter(workdir, total_steps=5)  # resumed from step 2's checkpoint: step 3 is logged again
+  for step in (3, 4, 5):
+    resumed.write(step, {"loss": 20.0 - step})
+  resumed.close()
+  after = objects()
+  assert sorted(after) == [f"{n:08d}.jsonl" for n in range(1, 7)]
+  assert {name: after[name] for name in first} == first  # the same objects, same generations: not rewritten
+  assert not fs.exists(f"{BUCKET}/metrics-run/metrics.jsonl")
+  assert [(r["step"], r["loss"]) for r in read_metrics(workdir)] == [(1, 9.0), (2, 8.0), (3, 17.0), (4, 16.0),
+                                                                     (5, 15.0)]

@@ -12,20 +12,43 @@ from absl import app, flags, logging
 from anita_jax.errors import Preempted, UserError
 
 
-def _prefer_cpu_without_accelerators() -> None:
-  """On a host without TPU or GPU devices, use the CPU backend directly: with libtpu installed (it is,
-  for ahead-of-time compilation) JAX would otherwise try to start a TPU runtime and print errors first."""
-  import glob
-  if os.environ.get("JAX_PLATFORMS"):
-    return
-  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/*") or glob.glob("/dev/nvidia*"):
-    return
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  if "jax" in sys.modules:
-    sys.modules["jax"].config.update("jax_platforms", "cpu")
+def _tpu_chips() -> int | None:
+  """TPU chips on this host as JAX's own start-up counts them (`cloud_tpu_init`: a PCI scan); None when libtpu
+  is not installed, or this JAX no longer offers the count."""
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is None:
+    return None
+  try:
+    from jax._src import hardware_utils
+    return int(hardware_utils.num_available_tpu_chips_and_device_id()[0])
+  except (ImportError, AttributeError, TypeError, IndexError):
+    return None
 
 
-_prefer_cpu_without_accelerators()
+def quiet_libtpu_without_tpu(environ=os.environ, tpu_chips: Callable[[], int | None] = _tpu_chips) -> None:
+  """libtpu (installed for compile-only TPU use, `scripts/aot_compile.py`) starts on any host JAX_PLATFORMS
+  lets it and, with no TPU to describe, prints a "could not determine TPU accelerator type" warning and an
+  INVALID_ARGUMENT error for its placeholder worker hostname. Where JAX's own count finds no TPU chip, it is
+  told this host is one host of its own (TPU_WORKER_HOSTNAMES, TPU_HOST_BOUNDS, unless set): it then starts
+  quietly (compile-only devices) or fails quietly (JAX goes on to its other backends); its real errors still
+  show. A TPU host keeps its metadata server's answers (a pod's worker list)."""
+  if tpu_chips() == 0:
+    environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
+
+
+def choose_backend(environ=os.environ, tpu_chips: Callable[[], int | None] = _tpu_chips) -> str | None:
+  """The JAX_PLATFORMS scripts run under: the environment's when set, else None, JAX's own discovery (its
+  plugins: CUDA, ROCm, TPU, ..., then the CPU), so any accelerator JAX can drive is used. Device files are not
+  looked at: JAX knows its plugins, this module does not. Without JAX_PLATFORMS libtpu starts too, quietly
+  (`quiet_libtpu_without_tpu`)."""
+  chosen = environ.get("JAX_PLATFORMS") or None
+  if chosen is None:
+    quiet_libtpu_without_tpu(environ, tpu_chips)
+  return chosen
+
+
+choose_backend()
 
 
 def _quiet() -> None:
@@ -55,14 +78,14 @@ def initialize_distributed() -> None:
   f = flags.FLAGS
   if f["coordinator_address"].value:
     jax.distributed.initialize(f["coordinator_address"].value, f["num_processes"].value, f["process_id"].value)
-  elif any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID")):
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if "TPU_WORKER_HOSTNAMES" in os.environ and "," not in hosts and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
-      return  # a single-host TPU VM
-    jax.distributed.initialize()
+  elif (any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID"))
+        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")):
+    # One TPU worker host (a single-host TPU VM, or `quiet_libtpu_without_tpu`'s own "localhost") is no pod.
+    # JAX reads JAX_COORDINATOR_ADDRESS itself but no process count or index: given as flags, they go with it.
+    jax.distributed.initialize(num_processes=f["num_processes"].value, process_id=f["process_id"].value)
 
 
-def stage_config(config, flag: str):
+def single_stage(config, flag: str):
   """The stage ConfigDict of a --config value; a whole recipe (no ARG) is refused with its stages named."""
   if config is None:
     raise UserError(f"{flag} is required")

@@ -16,6 +16,7 @@ import os
 
 from anita_jax import files
 from anita_jax.convert import loading
+from anita_jax.convert.generation import sampling
 from anita_jax.errors import UserError
 from anita_jax.model.config import ModelConfig
 
@@ -94,34 +95,20 @@ def default_system(tokenizer, kind: str | None) -> str | None:
   return text[i + len(start):j] if j >= 0 else None
 
 
-def generation_config(path: str) -> dict | None:
-  """A model directory's generation_config.json (None without one)."""
-  file = os.path.join(path, "generation_config.json")
-  if not os.path.isfile(file):
-    return None
-  try:
-    with open(file, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{file}: not readable JSON ({e})") from None
-
-
 def sampling_parameters(generation: dict | None) -> list[tuple[str, float | int]]:
   """Ollama PARAMETERs of a transformers generation config: greedy (temperature 0) unless `do_sample` is
   true, as transformers decodes; no config, no PARAMETERs (Ollama's own defaults)."""
   if generation is None:
     return []
   g = dict(generation)
-  out: list[tuple[str, float | int]] = []
+  # transformers' values where the config is silent (Ollama's differ: 0.8, 0.9, 40); top_k 0 = off.
+  settings = sampling(g)
   if g.get("do_sample"):
-    # transformers' defaults where the config is silent (Ollama's differ: 0.8, 0.9, 40); top_k 0 = off.
-    for key, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 50)):
-      value = g.get(key)
-      out.append((key, type(default)(default if value is None else value)))
+    out: list[tuple[str, float | int]] = [(k, settings[k]) for k in ("temperature", "top_p", "top_k")]
   else:
-    out.append(("temperature", 0.0))  # transformers' greedy decoding
-  if g.get("max_new_tokens"):
-    out.append(("num_predict", int(g["max_new_tokens"])))
+    out = [("temperature", 0.0)]  # transformers' greedy decoding
+  if settings["max_new_tokens"]:
+    out.append(("num_predict", int(settings["max_new_tokens"])))
   if g.get("repetition_penalty") not in (None, 1.0):
     out.append(("repeat_penalty", float(g["repetition_penalty"])))
   return out

@@ -184,17 +184,3 @@ def read_prompts_file(path: str) -> list[dict]:
     raise UserError(f"{path}: no prompts")
   return rows
 
-
-def sampling_defaults(path: str) -> dict:
-  """temperature / top_p / top_k / max_new_tokens from the model's generation config, if it has one."""
-  import os
-  file = os.path.join(path, "generation_config.json") if os.path.isdir(path) else None
-  if not file or not os.path.isfile(file):
-    return {}
-  import transformers
-  gc = transformers.GenerationConfig.from_pretrained(path)
-  out = {"max_new_tokens": gc.max_new_tokens} if gc.max_new_tokens else {}
-  if gc.do_sample:
-    out.update(temperature=gc.temperature if gc.temperature is not None else 1.0,
-               top_p=gc.top_p if gc.top_p is not None else 1.0, top_k=gc.top_k or 0)
-  return out

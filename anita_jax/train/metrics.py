@@ -1,15 +1,17 @@
 """Training metrics: `metrics.jsonl`, TensorBoard event files and a progress line on the terminal.
 
-In a gs:// workdir, where objects cannot be appended to, `metrics.jsonl` is rewritten whole at each
-logged step and TensorBoard writes into a local temporary directory whose event file is uploaded after
-each flush (whole-object writes: a reader never sees a cut row).
+A local workdir's `metrics.jsonl` is appended to. In a gs:// workdir, where objects cannot be appended to,
+each logged row is one new object, `metrics.jsonl.d/NNNNNNNN.jsonl` numbered on from the last one
+(a resumed run included), so a log writes its own row and never what is there; TensorBoard writes into a
+local temporary directory whose event file is uploaded after each flush (whole-object writes: a reader never
+sees a cut row). `read_metrics` is the one reader of both layouts.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -18,6 +20,7 @@ import time
 import jax
 
 from anita_jax import files
+from anita_jax.errors import UserError
 
 
 def _duration(seconds: float) -> str:
@@ -38,6 +41,37 @@ def _drop_cut_last_line(path: str) -> None:
     pass
 
 
+FILE = "metrics.jsonl"
+PIECES = FILE + ".d"  # a URL workdir's rows, one object per flush
+
+
+def _pieces(workdir: str) -> list[tuple[int, str]]:
+  """(number, name) of the objects under PIECES, in the order they were written."""
+  names = [n for n in files.listdir(os.path.join(workdir, PIECES)) if re.fullmatch(r"\d+\.jsonl", n)]
+  return sorted((int(n.split(".")[0]), n) for n in names)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows a stage logged in `workdir` (its metrics.jsonl, then a URL workdir's pieces in order), one per
+  step in step order.
+
+  A resumed run logs again the steps after its last checkpoint: the later row of a step wins.
+  A last line of metrics.jsonl cut short (a run killed mid-write) is ignored.
+  """
+  path = os.path.join(workdir, FILE)
+  sources = [path] if files.isfile(path) else []
+  sources += [os.path.join(workdir, PIECES, name) for _, name in _pieces(workdir)]
+  if not sources:
+    raise UserError(f"{path}: no such file (the stage logged no step)")
+  by_step: dict[int, dict] = {}
+  for source in sources:
+    for number, row in files.read_jsonl(source, skip_cut_last_line=source == path):
+      if not isinstance(row.get("step"), int):
+        raise UserError(f"{source}:{number}: field 'step' is missing or not an integer")
+      by_step[row["step"]] = row
+  return [by_step[s] for s in sorted(by_step)]
+
+
 class MetricsWriter:
   """Appends one JSON object per logged step; only process 0 writes."""
 
@@ -49,13 +83,12 @@ class MetricsWriter:
     if not self.enabled:
       return
     from tensorboardX import SummaryWriter
-    path = os.path.join(workdir, "metrics.jsonl")
-    self._remote = path if files.is_remote(path) else None
-    self._tb_remote = self._tb_local = None
+    path = os.path.join(workdir, FILE)
+    self._remote = files.is_remote(path)
+    self._tb_remote = self._tb_local = self._jsonl = None
     if self._remote:
-      old = files.read_bytes(path) if files.isfile(path) else b""
-      self._jsonl = io.StringIO(old[:old.rfind(b"\n") + 1].decode("utf-8"))
-      self._jsonl.seek(0, io.SEEK_END)
+      self._pieces = os.path.join(workdir, PIECES)
+      self._next = max((n for n, _ in _pieces(workdir)), default=0) + 1
       self._tb_remote, self._tb_local = os.path.join(workdir, "tensorboard"), tempfile.mkdtemp(prefix="anita-tb-")
       self._tb = SummaryWriter(self._tb_local)
     else:
@@ -67,14 +100,17 @@ class MetricsWriter:
     if not self.enabled:
       return
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    if self._remote:
+      files.write_text(os.path.join(self._pieces, f"{self._next:08d}.jsonl"), json.dumps(row) + "\n")
+      self._next += 1
+    else:
+      self._jsonl.write(json.dumps(row) + "\n")
+      self._jsonl.flush()
     for k, v in row.items():
       if k != "step":
         self._tb.add_scalar(k, v, step)
     self._tb.flush()
     if self._remote:
-      files.write_text(self._remote, self._jsonl.getvalue())
       for name in os.listdir(self._tb_local):
         files.atomic_write(os.path.join(self._tb_remote, name),
                            lambda tmp, name=name: shutil.copyfile(os.path.join(self._tb_local, name), tmp))
@@ -97,7 +133,8 @@ class MetricsWriter:
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
+      if self._jsonl is not None:
+        self._jsonl.close()
       self._tb.close()
       if self._tb_local:
         shutil.rmtree(self._tb_local, ignore_errors=True)
