@@ -3,7 +3,8 @@
 python scripts/bench_gguf.py --model=runs/demo/lm [--types=f16,q8_0,q4_0] [--workdir=/tmp/bench_gguf]
 Each type is written with scripts/export_gguf.py's code path (the model merged once), read back by our GGUF
 importer, and scored on the demo's held-out Italian text (the report's perplexity: exp of the mean token NLL,
-texts cut to 256 tokens). With llama-cpp-python importable, llama.cpp scores the same token ids too.
+texts cut to 256 tokens). With llama-cpp-python installed, llama.cpp scores the same token ids too, in a child
+process (anita_jax.infer.llama_cpp).
 """
 
 import json
@@ -14,6 +15,7 @@ import time
 from absl import flags
 
 from anita_jax.apps import cli
+from anita_jax.infer import llama_cpp
 
 _MODEL = flags.DEFINE_string("model", None, "Model PATH (a training workdir included).", required=True)
 _TYPES = flags.DEFINE_list("types", ["f16", "q8_0", "q4_0"], "GGUF types to write and score.")
@@ -21,28 +23,19 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/bench_gguf", "Where the GGUF fil
 
 
 def llama_cpp_perplexity(path: str, token_rows: list[list[int]]) -> float | None:
-  """exp(mean NLL) of every token after the first of each row, from llama.cpp's own logits."""
-  try:
-    import llama_cpp
-  except ImportError:
+  """exp(mean NLL) of every token after the first of each row, from llama.cpp's own logits (computed in a child
+  process: llama.cpp beside JAX in one process can crash); None without llama-cpp-python."""
+  if not llama_cpp.available():
     return None
-  import numpy as np
-  llm = llama_cpp.Llama(model_path=path, n_ctx=512, logits_all=True, verbose=False)
-  nll, count = 0.0, 0
-  for ids in token_rows:
-    llm.reset()
-    llm.eval(ids)
-    logits = np.asarray(llm.scores[:len(ids)], np.float64)
-    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    nll -= float(np.sum(logits[np.arange(len(ids) - 1), ids[1:]] - logz[:-1]))
-    count += len(ids) - 1
-  return math.exp(nll / count)
+  rows = llama_cpp.logprobs(path, token_rows, n_ctx=512)
+  return math.exp(-sum(map(sum, rows)) / sum(map(len, rows)))
 
 
 def main(argv):
   del argv
-  from anita_jax.apps import gguf, recipe, report
+  from anita_jax.apps import recipe, report
   from anita_jax.data import encode, rows
+  from anita_jax.train import publish
   from anita_jax.train import workdir as W
   texts = os.path.join(recipe.DEMO_DATA, report.TEXTS_FILE)
   model, params, tokenizer, _ = W.load_model(W.model_path(_MODEL.value), scan_layers=False)
@@ -53,7 +46,7 @@ def main(argv):
   os.makedirs(_WORKDIR.value, exist_ok=True)
   outputs = {t: os.path.join(_WORKDIR.value, f"model-{t}.gguf") for t in _TYPES.value}
   start = time.perf_counter()
-  gguf.export_gguf(_MODEL.value, outputs)
+  publish.export_gguf(_MODEL.value, outputs)
   print(json.dumps({"export_seconds": round(time.perf_counter() - start, 1)}), flush=True)
   for type_, path in outputs.items():
     model, params, tokenizer, _ = W.load_model(path, dtype="float32", quant="none", scan_layers=False)

