@@ -14,9 +14,6 @@ import ml_collections
 from anita_jax.train.config import recipe_config, stage_config
 
 BASE = "meta-llama/Meta-Llama-3-8B-Instruct"
-SYSTEM_PROMPT = ("Sei un an assistente AI per la lingua Italiana di nome LLaMAntino-3 ANITA (Advanced "
-                 "Natural-based interaction for the ITAlian language). Rispondi nella lingua usata per la domanda "
-                 "in modo chiaro, semplice ed esaustivo.")
 
 
 def stage(name: str) -> ml_collections.ConfigDict:

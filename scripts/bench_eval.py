@@ -53,7 +53,7 @@ def main(argv):
   import torch
   from lm_eval.models.huggingface import HFLM
 
-  from anita_jax.apps import evaluate as app_evaluate
+  from anita_jax.apps import commands
   from anita_jax.convert import loading
   path = _MODEL.value or loading.embedded_default_path()
   with tempfile.TemporaryDirectory() as directory:
@@ -63,7 +63,7 @@ def main(argv):
     task.build_all_requests()
     requests = list(task.instances)
   n = len(requests)
-  ours = app_evaluate.load_lm(path, dtype="float32", batch_size=_BATCH.value)
+  ours = commands.load_lm(path, dtype="float32", batch_size=_BATCH.value)
   cold, _ = timed(lambda: ours.loglikelihood(requests, disable_tqdm=True))
   warm, mine = timed(lambda: ours.loglikelihood(requests, disable_tqdm=True))
   if os.path.isfile(path):

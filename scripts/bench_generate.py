@@ -40,7 +40,7 @@ def main(argv):
   from anita_jax.convert import loading
   path = _MODEL.value or loading.embedded_default_path()
   b, p, n, r = _BATCH.value, _PROMPT_TOKENS.value, _NEW_TOKENS.value, _REPEATS.value
-  net, params, tokenizer, config = loading.load_model(path, dtype=_DTYPE.value)
+  net, params, tokenizer, config = loading.load_pretrained(path, dtype=_DTYPE.value)
   ids = np.random.RandomState(0).randint(100, config.vocab_size, (b, p)).tolist()
   # No stop ids: every run generates exactly the requested number of tokens.
   ours = generate.Generator(net, params, tokenizer, [], config.max_position_embeddings, batch_size=b)

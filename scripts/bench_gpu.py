@@ -7,14 +7,13 @@ CPU smoke run: --preset=tiny --config.sft.data.max_length=64 --config.dpo.data.m
 
 Each stage is the recipe's (configs/anita_8b.py): Llama-3-8B architecture (`PRESETS[--preset]`), NF4 with double
 quantization, bf16 compute, full remat, LoRA rank/alpha/targets, sequence length and micro-batch (pairs for dpo,
-whose reference is the base with the adapters off) of that stage, attention `--attention` (dot: splash is
+whose reference is the base with the adapters off; always the padded layout, data.packing off) of that stage, attention `--attention` (dot: splash is
 TPU-only), one micro-batch per step unless --grad_accum. If the micro-batch does not fit, it is halved
 (`fit_trials` lists the sizes tried). The frozen weights are random (bf16 normal * 0.02, the projections
 quantized on device; no host copy): step time and memory do not depend on weight values.
 Each stage runs in its own process, so `peak_bytes` (the device allocator's peak) is that stage's alone.
-Model FLOPs per step, as scripts/bench_train.py: 4 * N_frozen * tokens + 6 * N_lora * tokens + attention
-4 * 2 * layers * T * d_attn * tokens; dpo adds the reference forward, 2 * N_frozen * tokens +
-2 * layers * T * d_attn * tokens (remat's recomputation is not counted). MFU = model FLOPs / step time / peak,
+Model FLOPs per step, as scripts/bench_train.py: `train.flops.benchmark_flops` (remat's recomputation is not
+counted). MFU = model FLOPs / step time / peak,
 peak = a bf16 --peak_size^3 matmul measured on the same device.
 """
 
@@ -62,18 +61,10 @@ def peak_flops(n: int) -> float:
 
 
 def model_flops(model_config, c, rows: int) -> float:
-  from anita_jax.model import lora
-  t = c.data.max_length
-  targets = set(c.lora.targets.split(","))
-  dims = lora.projection_dims(model_config)
-  frozen = (model_config.num_layers * sum(i * o for i, o in dims.values())
-            + model_config.vocab_size * model_config.hidden_size)
-  adapters = model_config.num_layers * sum(c.lora.rank * (i + o) for n, (i, o) in dims.items() if n in targets)
-  attention = 4 * 2 * model_config.num_layers * t * model_config.num_heads * model_config.head_dim
-  flops = (4 * frozen + 6 * adapters + attention) * rows * t
-  if c.stage == "dpo":
-    flops += (2 * frozen + attention // 4) * rows * t
-  return float(flops * c.train.grad_accum)
+  from anita_jax import files
+  from anita_jax.train.flops import benchmark_flops
+  return c.train.grad_accum * benchmark_flops(model_config, c.lora.rank, files.split_list(c.lora.targets), rows=rows,
+                                              length=c.data.max_length, reference_forward=c.stage == "dpo")
 
 
 def _random_frozen(stage, quant):
@@ -84,8 +75,8 @@ def _random_frozen(stage, quant):
   import jax
   import jax.numpy as jnp
 
-  from anita_jax.model import lora as LA
   from anita_jax.model import quant as Q
+  from anita_jax.model import tree as PT
   normal = lambda key, shape, dtype: (0.02 * jax.random.normal(key, shape, jnp.bfloat16)).astype(dtype)
 
   def leaf(key, like):
@@ -98,8 +89,8 @@ def _random_frozen(stage, quant):
     return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), nodes)
 
   def tree(key):
-    flat = sorted(LA.flatten(stage.frozen).items())
-    return LA.unflatten({path: leaf(k, like) for k, (path, like) in zip(jax.random.split(key, len(flat)), flat)})
+    flat = sorted(PT.flatten(stage.frozen).items())
+    return PT.unflatten({path: leaf(k, like) for k, (path, like) in zip(jax.random.split(key, len(flat)), flat)})
 
   frozen = jax.jit(tree, out_shardings=stage.frozen_shardings)(jax.random.key(0))
   same = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)
@@ -113,12 +104,13 @@ def _fresh_state(stage, tx):
   import jax.numpy as jnp
 
   from anita_jax.model import lora as LA
+  from anita_jax.model import tree as PT
   c = stage.config
 
   def init(key):
-    adapters = LA.flatten(LA.init_adapters(key, stage.model_config, stage.spec, c.model.scan_layers))
-    return LA.unflatten({p: adapters[p] if p in adapters else jnp.zeros(x.shape, x.dtype)
-                         for p, x in LA.flatten(stage.state["params"]).items()})
+    adapters = PT.flatten(LA.init_adapters(key, stage.model_config, stage.spec, c.model.scan_layers))
+    return PT.unflatten({p: adapters[p] if p in adapters else jnp.zeros(x.shape, x.dtype)
+                         for p, x in PT.flatten(stage.state["params"]).items()})
 
   params = jax.jit(init, out_shardings=stage.state_shardings["params"])(jax.random.key(c.train.seed))
   opt_state = jax.jit(tx.init, out_shardings=stage.state_shardings["opt_state"])(params)
@@ -131,7 +123,7 @@ def _batch(c, mesh):
   import jax
   import numpy as np
 
-  from anita_jax.model import sharding as S
+  from anita_jax.train.step import batch_shardings
   rows, t = c.train.batch_size * (2 if c.stage == "dpo" else 1), c.data.max_length
   ids = np.random.RandomState(0).randint(3, 1000, (c.train.grad_accum, rows, t)).astype(np.int32)
   mask = np.ones_like(ids)
@@ -139,8 +131,8 @@ def _batch(c, mesh):
     mask[..., :t // 4] = 0
   batch = {"input_ids": ids, "loss_mask": mask, "segment_ids": np.ones_like(ids),
            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), ids.shape).copy()}
-  sharding = S.batch_sharding(mesh, 3, leading=1)
-  return {k: jax.device_put(v, sharding) for k, v in batch.items()}, {k: sharding for k in batch}
+  shardings = batch_shardings(c, mesh)
+  return {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}, shardings
 
 
 def prepare(c, model_config, frozen):
@@ -193,6 +185,7 @@ def run_stage(c, peak: float) -> dict:
   from anita_jax.model.config import PRESETS
   model_config = PRESETS[_PRESET.value]
   c.model.attention, c.train.grad_accum = _ATTENTION.value, _GRAD_ACCUM.value
+  c.data.packing = False  # the batch below is the padded layout: [chosen rows; rejected rows] for dpo
   frozen, trials = None, []
   while True:
     trials.append({"micro_batch": c.train.batch_size})

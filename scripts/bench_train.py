@@ -6,10 +6,8 @@ SmolLM2-135M-Instruct, LoRA r=16 on all seven projections.
   dpo: 4 pairs of 64 prompt + 192 completion tokens, against TRL DPOTrainer + PEFT (both: the reference is the
        same model with the adapters disabled; TRL without gradient checkpointing, as ours).
 MFU = model FLOPs / step time / peak, peak = the best of five timings of 5 2048^3 JAX matmuls here, same dtype.
-Model FLOPs of a LoRA step (no rematerialisation): 4 * N_frozen * tokens (forward, and the backward through
-activations only) + 6 * N_lora * tokens (LoRA forward, input and weight gradients) + attention
-4 * 2 * layers * T * d_attn * tokens (QK^T and AV, forward and backward, full square); dpo adds the reference
-forward, 2 * N_frozen * tokens + 2 * layers * T * d_attn * tokens.
+Model FLOPs of a LoRA step (no rematerialisation): `train.flops.benchmark_flops`, 4 N_frozen T + 6 N_lora T +
+attention; dpo adds the reference forward.
 
 python scripts/bench_train.py --stage=dpo --packing [--dtypes=float32 --quants=none] [--compare_padded]
   One epoch over 48 variable-length pairs (prompt and completion tokens log-normal, medians 60 and 110,
@@ -54,15 +52,9 @@ def peak_flops(dtype) -> float:
 
 
 def model_flops(config) -> float:
-  from anita_jax.model import lora
-  dims = lora.projection_dims(config).values()
-  frozen = config.num_layers * sum(i * o for i, o in dims) + config.vocab_size * config.hidden_size
-  adapters = config.num_layers * sum(RANK * (i + o) for i, o in dims)
-  attention = 4 * 2 * config.num_layers * T * config.num_heads * config.head_dim
-  flops = (4 * frozen + 6 * adapters + attention) * B * T
-  if _STAGE.value == "dpo":  # the reference forward
-    flops += (2 * frozen + attention // 4) * B * T
-  return flops
+  from anita_jax.model.config import PROJECTIONS
+  from anita_jax.train.flops import benchmark_flops
+  return benchmark_flops(config, RANK, PROJECTIONS, rows=B, length=T, reference_forward=_STAGE.value == "dpo")
 
 
 def _text_of(tokenizer, rng):
@@ -116,7 +108,7 @@ def time_ours(dtype: str, quant: str, steps: int):
   c = stage_config.freeze(c)
   stage = ST.build_stage(c, W.base_model_path(c))
   tx, _ = make_optimizer(c.train, 100)
-  step = STEP.compile_step(stage, tx, STEP.data_shardings(stage))
+  step = STEP.compile_step(stage, tx, STEP.batch_shardings(stage.config, stage.mesh))
   if _STAGE.value == "dpo":
     ids, mask = dpo_batch(stage.tokenizer)
   else:
@@ -231,7 +223,7 @@ def epoch_ours(dtype: str, quant: str, packing: bool) -> dict:
                                   pad_id=tokenizer.pad_token_id or 0)
   batches = [{k: v[None] for k, v in next(it).items()} for _ in range(it.steps_in_epoch(0))]
   tx, _ = make_optimizer(c.train, 100)
-  step = STEP.compile_step(stage, tx, STEP.data_shardings(stage))
+  step = STEP.compile_step(stage, tx, STEP.batch_shardings(stage.config, stage.mesh))
   state, rng = stage.state, jax.random.key(0)
   state, m = step(state, stage.frozen, batches[0], rng)  # compiles; the state is donated
   jax.block_until_ready(m)

@@ -8,7 +8,7 @@ FILE.json holds lm-eval's results per task and metric, the task configs, and per
 from absl import flags
 
 from anita_jax.apps import cli
-from anita_jax.apps import evaluate
+from anita_jax.apps import commands
 
 _MODEL = flags.DEFINE_string("model", None, "Model PATH (default: the embedded SmolLM2-135M-Instruct GGUF).")
 _TASKS = flags.DEFINE_list("tasks", None, "Comma-separated lm-eval task, group or tag names (or YAML files).")
@@ -29,7 +29,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "The JSON file to write.")
 
 def main(argv):
   del argv
-  evaluate.main(
+  commands.evaluate(
       model=_MODEL.value, tasks=_TASKS.value or [], output=_OUTPUT.value, num_fewshot=_NUM_FEWSHOT.value,
       limit=_LIMIT.value, include_path=_INCLUDE_PATH.value, batch_size=_BATCH.value,
       apply_chat_template=_CHAT.value, system=_SYSTEM.value, dtype=_DTYPE.value, quant=_QUANT.value,

@@ -21,8 +21,8 @@ _MERGE_INTO = flags.DEFINE_enum("merge_into", "dequantized", ["dequantized", "or
 
 def main(argv):
   del argv
-  from anita_jax.apps import gguf
-  gguf.export_gguf(_MODEL.value, {_TYPE.value: _OUTPUT.value}, merge_into=_MERGE_INTO.value,
+  from anita_jax.train import publish
+  publish.export_gguf(_MODEL.value, {_TYPE.value: _OUTPUT.value}, merge_into=_MERGE_INTO.value,
                    modelfile_for=_TYPE.value if _MODELFILE.value else None, system=_SYSTEM.value,
                    name=_NAME.value or "", progress=True)
 

@@ -17,10 +17,10 @@ cli.define_distributed_flags()
 
 def main(argv):
   del argv
-  from anita_jax.train import workdir
+  from anita_jax.train import publish
   cli.initialize_distributed()
-  workdir.export_workdir(_WORKDIR.value, _OUTPUT.value, merged=_MERGED.value, adapter=_ADAPTER.value,
-                         dtype=_DTYPE.value, merge_into=_MERGE_INTO.value)
+  publish.export_hf(_WORKDIR.value, _OUTPUT.value, merged=_MERGED.value, adapter=_ADAPTER.value,
+                    dtype=_DTYPE.value, merge_into=_MERGE_INTO.value)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from absl import flags
 
 from anita_jax.apps import cli
-from anita_jax.apps import generate
+from anita_jax.apps import commands
 
 _MODEL = flags.DEFINE_string("model", None, "Model PATH (default: the embedded SmolLM2-135M-Instruct GGUF).")
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt (or use --prompts_file).")
@@ -23,7 +23,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts per batch with --prompts
 
 def main(argv):
   del argv
-  generate.main(
+  commands.generate(
       model=_MODEL.value, prompt=_PROMPT.value, prompts_file=_PROMPTS_FILE.value, system=_SYSTEM.value,
       chat=_CHAT.value, max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
       top_k=_TOP_K.value, seed=_SEED.value, dtype=_DTYPE.value, quant=_QUANT.value,

@@ -14,8 +14,8 @@ _NUM = flags.DEFINE_integer("num_examples", 3, "Examples to print (in file order
 
 def main(argv):
   del argv
-  from anita_jax.apps import preview
-  preview.main(cli.stage_config(_CONFIG.value, "--config"), _NUM.value)
+  from anita_jax.apps import commands
+  commands.preview(cli.single_stage(_CONFIG.value, "--config"), _NUM.value)
 
 
 if __name__ == "__main__":

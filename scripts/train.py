@@ -14,7 +14,7 @@ def main(argv):
   del argv
   from anita_jax.train import loop as train
   cli.initialize_distributed()
-  train.train_and_evaluate(cli.stage_config(_CONFIG.value, "--config"), _WORKDIR.value)
+  train.train_and_evaluate(cli.single_stage(_CONFIG.value, "--config"), _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def _batch(tokenizer):
 
 
 def _ours(path, tokens, segments):
-  net, params, _, _ = loading.load_model(path)
+  net, params, _, _ = loading.load_pretrained(path)
   logits, _ = net.apply({"params": params}, jnp.asarray(tokens), segment_ids_bt=jnp.asarray(segments))
   return np.asarray(logits)
 

@@ -13,6 +13,7 @@ from anita_jax.train import config as C
 from anita_jax.train import loop as T
 from anita_jax.train import state as ST
 from anita_jax.train import step as STEP
+from anita_jax.train import publish
 from anita_jax.train import workdir as W
 from anita_jax.train.optim import make_optimizer
 
@@ -168,7 +169,7 @@ def test_dpo_eval_scores_every_pair(demo_config, tiny_hf_dir, pairs_file, tmp_pa
                                                           "mesh.data": 1, "train.lr": 2e-2})
   T.train_and_evaluate(c, str(tmp_path / "w"))
   ours = metrics_of(str(tmp_path / "w"))[-1]
-  W.export_workdir(str(tmp_path / "w"), str(tmp_path / "hf"), dtype="float32", adapter=False)
+  publish.export_hf(str(tmp_path / "w"), str(tmp_path / "hf"), dtype="float32", adapter=False)
 
   tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_hf_dir)
   examples, _ = preference.encode_preferences(D.load_rows([str(eval_file)]), tokenizer, max_length=128)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from anita_jax.apps import evaluate as app_evaluate
+from anita_jax.apps import commands
 from anita_jax.infer import evaluate as E
 from anita_jax.infer.generate import SamplingSpec
 
@@ -118,7 +118,7 @@ def hflm(smollm2_hf_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(smollm2_hf_dir):
-  return app_evaluate.load_lm(smollm2_hf_dir, dtype="float32", batch_size=BATCH, max_length=MAX_LENGTH)
+  return commands.load_lm(smollm2_hf_dir, dtype="float32", batch_size=BATCH, max_length=MAX_LENGTH)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from test_model import TINY, our_params, reference_model, rel_err
 from anita_jax.convert import export
 from anita_jax.convert import loading
 from anita_jax.model import lora
+from anita_jax.model import tree as PT
 from anita_jax.model import llama as M
 from anita_jax.convert import hf
 from anita_jax.errors import UserError
@@ -48,13 +49,13 @@ STAGES = [
 
 @pytest.fixture(scope="module")
 def smollm2_nf4(smollm2_hf_dir):
-  _, params, tokenizer, config = loading.load_model(smollm2_hf_dir, quant=NF4)
+  _, params, tokenizer, config = loading.load_pretrained(smollm2_hf_dir, quant=NF4)
   return config, params, tokenizer
 
 
 @pytest.fixture(scope="module")
 def smollm2_fp32(smollm2_hf_dir):
-  _, params, tokenizer, config = loading.load_model(smollm2_hf_dir)
+  _, params, tokenizer, config = loading.load_pretrained(smollm2_hf_dir)
   return config, params, tokenizer
 
 
@@ -69,7 +70,7 @@ def nf4_adapted(smollm2_nf4):
   config, params, tokenizer = smollm2_nf4
   adapters = random_adapters(config, SPEC, seed=0)
   prompts = chat_prompts(tokenizer)
-  adapted = ours(M.Llama(config, lora=SPEC, quant=NF4), lora.combine(params, adapters), prompts)
+  adapted = ours(M.Llama(config, lora=SPEC, quant=NF4), PT.combine(params, adapters), prompts)
   base = ours(M.Llama(config, quant=NF4), params, prompts)
   return adapters, prompts, adapted, base
 
@@ -119,7 +120,7 @@ def load_hf(directory, **kwargs):
 
 
 def merged(params, spec):
-  return jax.jit(lora.merge, static_argnums=1)(params, spec)  # eager dequantization is slow
+  return lora.merge_lazily(params, spec)  # what the exporters read, one matrix at a time
 
 
 # 1. Merged export ---------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def test_merged_export_of_nf4_adapted_tied_model_matches_transformers(smollm2_nf
   assert worst(base, expected) > 1e-2  # the adapter really changes the function
 
   out = str(tmp_path / "merged")
-  export.write_hf_model(out, config, merged(lora.combine(params, adapters), SPEC), tokenizer, dtype="float32")
+  export.write_hf_model(out, config, merged(PT.combine(params, adapters), SPEC), tokenizer, dtype="float32")
   assert "lm_head.weight" not in safe_open(os.path.join(out, "model.safetensors"), "np").keys()
   err = worst(theirs(load_hf(out, dtype=torch.float32), prompts), expected)
   print(f"merged export, tied SmolLM2 (NF4 base + LoRA): relative error {err:.2e}")
@@ -141,7 +142,7 @@ def test_merged_export_of_nf4_adapted_tied_model_matches_transformers(smollm2_nf
 
 def test_merged_export_of_untied_model_matches_transformers(tmp_path):
   params = our_params(reference_model(TINY, seed=1), TINY)
-  adapted = lora.combine(params, random_adapters(TINY, SPEC, seed=1, scale=0.2))
+  adapted = PT.combine(params, random_adapters(TINY, SPEC, seed=1, scale=0.2))
   prompts = random_prompts(TINY)
   expected = ours(M.Llama(TINY, lora=SPEC), adapted, prompts)
   out = str(tmp_path / "merged")
@@ -165,7 +166,7 @@ def test_adapter_loads_in_peft_and_matches_ours(which, request, tmp_path):
     source = request.getfixturevalue("smollm2_hf_dir")
     base = load_hf(source, dtype=torch.float32)
   adapters = random_adapters(config, SPEC, seed=3, scale=0.2 if which == "tiny-untied" else 0.05)
-  expected = ours(M.Llama(config, lora=SPEC), lora.combine(params, adapters), prompts)
+  expected = ours(M.Llama(config, lora=SPEC), PT.combine(params, adapters), prompts)
   out = str(tmp_path / "out" / "adapter")
   export.write_adapter(out, adapters, config, SPEC, base_model=source)
   assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -384,7 +385,7 @@ def test_unmerged_or_quantized_params_and_bad_settings_are_refused(tmp_path):
   params = our_params(reference_model(TINY), TINY)
   out = str(tmp_path / "model")
   with pytest.raises(ValueError, match="LoRA factors"):
-    export.write_hf_model(out, TINY, lora.combine(params, random_adapters(TINY, SPEC, 0)), None)
+    export.write_hf_model(out, TINY, PT.combine(params, random_adapters(TINY, SPEC, 0)), None)
   quantized = jax.tree_util.tree_map_with_path(
       lambda p, x: quantize(np.asarray(x), NF4) if p[-2].key == "q_proj" else x, params)
   with pytest.raises(ValueError, match="quantized kernel"):
@@ -422,7 +423,7 @@ def test_merged_model_and_adapter_compose_under_one_atomic_directory(tmp_path):
   prompts = random_prompts(TINY, seed=7)
   out = str(tmp_path / "out")
   with export.atomic_dir(out) as tmp:
-    export.write_hf_model(tmp, TINY, merged(lora.combine(params, adapters), SPEC), None, dtype="float32",
+    export.write_hf_model(tmp, TINY, merged(PT.combine(params, adapters), SPEC), None, dtype="float32",
                           atomic=False)
     export.write_adapter(os.path.join(tmp, "adapter"), adapters, TINY, SPEC, base_model="tiny", atomic=False)
   assert _siblings(out) == ["out"]

@@ -53,7 +53,7 @@ def test_script_prints_transformers_greedy_continuation(which, smollm2_gguf, smo
 
 def test_batched_prompts_equal_transformers_one_by_one(smollm2_gguf):
   prompts = [PROMPT, "Write a haiku about autumn leaves falling.", "Come si prepara il risotto alla milanese?"]
-  net, params, tokenizer, config = loading.load_model(smollm2_gguf)
+  net, params, tokenizer, config = loading.load_pretrained(smollm2_gguf)
   generator = G.Generator(net, params, tokenizer, loading.stop_token_ids(tokenizer, config),
                           config.max_position_embeddings, batch_size=4)
   ours = generator.generate(prompts, G.SamplingSpec(max_new_tokens=24))
@@ -77,7 +77,7 @@ def test_logit_filters_match_transformers_warpers():
 
 
 def test_sampling_is_seeded_and_respects_top_k_1(smollm2_gguf):
-  net, params, tokenizer, config = loading.load_model(smollm2_gguf)
+  net, params, tokenizer, config = loading.load_pretrained(smollm2_gguf)
   generator = G.Generator(net, params, tokenizer, loading.stop_token_ids(tokenizer, config),
                           config.max_position_embeddings)
   greedy = generator.generate([PROMPT], G.SamplingSpec(max_new_tokens=12))
@@ -139,7 +139,7 @@ def test_quantized_decoding_keeps_one_layer_dequantized():
 
 def test_bf16_decoding_on_cpu_keeps_the_vocab_tables_in_float32_and_no_copy_of_them(tiny_hf_dir):
   """XLA:CPU converts a bf16 lm_head / embedding to a float32 copy hoisted out of the decoding loop (4.2 GB
-  for Llama-3-8B); `loading.load_model` keeps their bf16 values in float32 on CPU instead. The compiled
+  for Llama-3-8B); `loading.load_pretrained` keeps their bf16 values in float32 on CPU instead. The compiled
   prefill + decode loop then holds no vocab-sized temporary, and the tables hold exactly bf16 values."""
   import dataclasses
 
@@ -149,7 +149,7 @@ def test_bf16_decoding_on_cpu_keeps_the_vocab_tables_in_float32_and_no_copy_of_t
   from anita_jax.model import llama as M
   from anita_jax.model import quant as Q
   assert jax.default_backend() == "cpu"
-  net, params, _, _ = loading.load_model(tiny_hf_dir, dtype="bfloat16", quant="nf4")
+  net, params, _, _ = loading.load_pretrained(tiny_hf_dir, dtype="bfloat16", quant="nf4")
   table = np.asarray(params["embed_tokens"]["embedding"])
   assert table.dtype == np.float32
   np.testing.assert_array_equal(table, table.astype(jnp.bfloat16).astype(np.float32))

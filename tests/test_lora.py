@@ -11,6 +11,7 @@ import torch
 from test_model import TINY, our_params, reference_model, rel_err
 
 from anita_jax.model import lora
+from anita_jax.model import tree as PT
 from anita_jax.model import llama as M
 from anita_jax.convert import hf
 from anita_jax.convert import peft as peft_files
@@ -51,7 +52,7 @@ def test_forward_matches_peft(config, rslora, tmp_path):
   tokens = np.random.RandomState(0).randint(0, config.vocab_size, (2, 19))
   with torch.no_grad():
     expected = model(torch.tensor(tokens)).logits.numpy()
-  params = lora.combine(base_params(model, config), adapters_of(model, config, spec, tmp_path))
+  params = PT.combine(base_params(model, config), adapters_of(model, config, spec, tmp_path))
   ours, _ = M.Llama(config, lora=spec).apply({"params": params}, jnp.asarray(tokens))
   assert rel_err(ours, expected) <= 1e-5
 
@@ -63,11 +64,11 @@ def test_zero_b_reproduces_base_and_disabled_adapters_equal_base():
   adapters = lora.init_adapters(jax.random.key(0), TINY, spec)
   tokens = jnp.asarray(np.random.RandomState(1).randint(0, TINY.vocab_size, (2, 16)))
   plain, _ = M.Llama(TINY).apply({"params": base}, tokens)
-  adapted, _ = M.Llama(TINY, lora=spec).apply({"params": lora.combine(base, adapters)}, tokens)
+  adapted, _ = M.Llama(TINY, lora=spec).apply({"params": PT.combine(base, adapters)}, tokens)
   np.testing.assert_array_equal(np.asarray(adapted), np.asarray(plain))
   trained = jax.tree.map(lambda x: x + 0.05, adapters)
   disabled, _ = M.Llama(TINY, lora=spec, adapters_enabled=False).apply(
-      {"params": lora.combine(base, trained)}, tokens)
+      {"params": PT.combine(base, trained)}, tokens)
   np.testing.assert_array_equal(np.asarray(disabled), np.asarray(plain))
 
 
@@ -81,14 +82,13 @@ def test_init_follows_peft_bounds():
   assert not np.asarray(adapters["layers"]["mlp"]["down_proj"]["lora_b"]).any()
 
 
-@pytest.mark.parametrize("lazily", [False, True], ids=["merge", "merge_lazily"])
 @pytest.mark.parametrize("config", [TINY, TIED], ids=["untied", "tied"])
-def test_merge_matches_peft_merge_and_unload(config, lazily, tmp_path):
+def test_merge_matches_peft_merge_and_unload(config, tmp_path):
   spec = lora.make_spec(4, 16, rslora=True)
   model = peft_model(config, spec, seed=2)
-  params = lora.combine(base_params(model, config), adapters_of(model, config, spec, tmp_path))
+  params = PT.combine(base_params(model, config), adapters_of(model, config, spec, tmp_path))
   # merge_lazily: what the exporters read, one layer's matrix at a time
-  merged = lora.merge_lazily(params, spec) if lazily else jax.tree.map(np.asarray, lora.merge(params, spec))
+  merged = lora.merge_lazily(params, spec)
   reference = model.merge_and_unload()
   for name, value in hf.to_hf_tensors(config, merged):
     np.testing.assert_allclose(value, reference.state_dict()[name].numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
@@ -107,14 +107,14 @@ def test_peft_files_round_trip_through_peft(tmp_path):
 
 def test_trainable_mask_selects_groups():
   spec = lora.make_spec(4, 8)
-  params = lora.combine(our_params(reference_model(TINY), TINY), lora.init_adapters(jax.random.key(0), TINY, spec))
-  trainable, frozen = lora.partition(params, lora.trainable_mask(params))
+  params = PT.combine(our_params(reference_model(TINY), TINY), lora.init_adapters(jax.random.key(0), TINY, spec))
+  trainable, frozen = PT.partition(params, PT.trainable_mask(params))
   leaves = jax.tree_util.tree_flatten_with_path(trainable)[0]
   assert leaves and all(str(path[-1].key) in ("lora_a", "lora_b") for path, _ in leaves)
   assert "lora_a" not in str(jax.tree_util.tree_structure(frozen))
-  with_norms, _ = lora.partition(params, lora.trainable_mask(params, ("lora", "norms", "lm_head")))
+  with_norms, _ = PT.partition(params, PT.trainable_mask(params, ("lora", "norms", "lm_head")))
   assert "norm" in with_norms and "lm_head" in with_norms and "embed_tokens" not in with_norms
-  jax.tree.map(np.testing.assert_array_equal, lora.combine(trainable, frozen), params)
+  jax.tree.map(np.testing.assert_array_equal, PT.combine(trainable, frozen), params)
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -142,7 +142,7 @@ def test_peft_adapter_directory_is_a_model_path(tiny_hf_dir, tmp_path):
   tokens = np.random.RandomState(5).randint(0, 49152, (2, 12))
   with torch.no_grad():
     expected = model.eval()(torch.tensor(tokens)).logits.numpy()
-  net, params, _, _ = loading.load_model(str(tmp_path))
+  net, params, _, _ = loading.load_pretrained(str(tmp_path))
   ours, _ = net.apply({"params": params}, jnp.asarray(tokens))
   assert rel_err(ours, expected) <= 1e-5
 
@@ -175,8 +175,8 @@ def test_adapter_gradients_match_peft(config, tmp_path):
            "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)}
   step_spec = objective.StepSpec(stage="sft", grad_accum=1, head_chunk=5)  # 5 does not divide 23
   loss = lambda a: objective.Nll().loss(M.Llama(config, lora=spec), a, frozen, batch, None, step_spec, None)[0]
-  got = lora.flatten(jax.jit(jax.grad(loss))(adapters))
-  want = lora.flatten(want)
+  got = PT.flatten(jax.jit(jax.grad(loss))(adapters))
+  want = PT.flatten(want)
   assert got.keys() == want.keys()
   for path, g in got.items():
     assert rel_err(g, np.asarray(want[path])) <= 1e-4, path

@@ -13,6 +13,7 @@ import transformers
 from anita_jax.model import config as cfg
 from anita_jax.model import llama as M
 from anita_jax.model import lora as LA
+from anita_jax.model import tree as PT
 from anita_jax.train.optim import make_optimizer
 
 TINY = cfg.PRESETS["tiny"]  # untied: lm_head is its own weight
@@ -31,7 +32,7 @@ def our_trainable_tree(scan_layers):
   model = M.Llama(TINY, scan_layers=scan_layers, lora=LA.make_spec(4, 8.0))
   boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   abstract = jax.tree.map(lambda x: x.value, boxed, is_leaf=lambda x: hasattr(x, "names"))
-  trainable, _ = LA.partition(abstract, LA.trainable_mask(abstract, TRAINABLE))
+  trainable, _ = PT.partition(abstract, PT.trainable_mask(abstract, TRAINABLE))
   return jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32), trainable)
 
 

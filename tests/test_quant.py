@@ -372,6 +372,7 @@ def test_compiled_nf4_memory_does_not_grow_with_layers():
 
   from anita_jax.model import config as cfg
   from anita_jax.model import lora
+  from anita_jax.model import tree as PT
   from anita_jax.model import llama as M
   base = cfg.PRESETS["smollm2-135m"]
   tokens = jnp.zeros((4, 256), jnp.int32)
@@ -380,8 +381,8 @@ def test_compiled_nf4_memory_does_not_grow_with_layers():
     config = dataclasses.replace(base, num_layers=layers)
     net = M.Llama(config, lora=lora.make_spec(16, 32), quant=quant.QuantSpec("nf4"), remat_policy="full")
     params = nn.meta.unbox(jax.eval_shape(net.init, jax.random.key(0), tokens)["params"])
-    trainable, frozen = lora.partition(params, lora.trainable_mask(params))
-    loss = lambda t, f: net.apply({"params": lora.combine(t, f)}, tokens)[0].sum()
+    trainable, frozen = PT.partition(params, PT.trainable_mask(params))
+    loss = lambda t, f: net.apply({"params": PT.combine(t, f)}, tokens)[0].sum()
     fwd = jax.jit(lambda p: net.apply({"params": p}, tokens)[0]).lower(params).compile().memory_analysis()
     step = jax.jit(jax.grad(loss)).lower(trainable, frozen).compile().memory_analysis()
     temps[layers] = (fwd.temp_size_in_bytes, step.temp_size_in_bytes)

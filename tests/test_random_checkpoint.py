@@ -86,7 +86,7 @@ def test_our_importer_gives_transformers_logits(checkpoint, llama3_tokenizer):
   ids = llama3_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
   with torch.no_grad():
     expected = reference(torch.tensor([ids])).logits[0].numpy()
-  net, params, tokenizer, config = loading.load_model(out)
+  net, params, tokenizer, config = loading.load_pretrained(out)
   assert config == CONFIG
   logits, _ = net.apply({"params": params}, jnp.asarray([ids]), segment_ids_bt=jnp.ones((1, len(ids)), jnp.int32))
   error = np.abs(np.asarray(logits[0]) - expected).max() / np.abs(expected).max()

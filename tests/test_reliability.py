@@ -331,7 +331,7 @@ def test_a_misspelt_config_file_or_stage_is_one_error_line(tmp_path, script, con
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(message.replace("CONFIGS", configs)), result.stderr[-2000:]
   file = os.path.join(configs, config.split(":")[0])
-  if os.path.isfile(file):  # the stages the file has, by name (INTERFACE.md: sft, dpo, lm; none = the recipe)
+  if os.path.isfile(file):  # the stages the file has, by name (sft, dpo, lm; no ARG = the recipe)
     assert re.search(r"has sft, dpo, lm \(and, without :ARG, the whole recipe", lines[0]), lines[0]
   else:
     assert lines[0].endswith(f"'{file}')")  # the file as given

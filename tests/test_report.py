@@ -39,7 +39,7 @@ def pair_rows():
 
 @pytest.fixture(scope="module")
 def jax_model(tiny_hf_dir):
-  return loading.load_model(tiny_hf_dir, scan_layers=False)
+  return loading.load_pretrained(tiny_hf_dir, scan_layers=False)
 
 
 @pytest.fixture(scope="module")
@@ -121,15 +121,15 @@ def test_preference_metrics_match_numpy_with_a_tie():
   pc, pr, bc, br = (rng.normal(-40.0, 5.0, 9) for _ in range(4))
   # Pair 0: both log-ratios are exactly 1.0, a tie that must not count.
   pc[0], bc[0], pr[0], br[0] = -1.0, -2.0, -3.0, -4.0
-  got = R.preference_metrics((pc, pr), (bc, br))
+  got = R.preference_metrics((pc, pr), (bc, br), beta=0.1)
   wins = [float((pc[i] - bc[i]) > (pr[i] - br[i])) for i in range(9)]
   deltas = [0.1 * ((pc[i] - bc[i]) - (pr[i] - br[i])) for i in range(9)]
   assert wins[0] == 0.0
   np.testing.assert_allclose(got["accuracy"], np.mean(wins), rtol=0, atol=1e-15)
   np.testing.assert_allclose(got["margin"], np.mean(deltas), rtol=1e-12)
-  assert R.preference_metrics((bc, br), (bc, br)) == {"accuracy": 0.0, "margin": 0.0}
+  assert R.preference_metrics((bc, br), (bc, br), beta=0.1) == {"accuracy": 0.0, "margin": 0.0}
   with pytest.raises(ValueError):
-    R.preference_metrics((pc, pr[:3]), (bc, br))
+    R.preference_metrics((pc, pr[:3]), (bc, br), beta=0.1)
 
 
 def test_evaluate_model_matches_transformers(tiny_hf_dir, torch_model, tmp_path):
@@ -142,10 +142,10 @@ def test_evaluate_model_matches_transformers(tiny_hf_dir, torch_model, tmp_path)
   want_chosen, want_rejected = torch_pair_logps(torch_model)
   np.testing.assert_allclose(result["chosen_logps"], want_chosen, atol=1e-4, rtol=0)
   np.testing.assert_allclose(result["rejected_logps"], want_rejected, atol=1e-4, rtol=0)
-  _, _, tokenizer, config = loading.load_model(tiny_hf_dir, scan_layers=False)
+  _, _, tokenizer, config = loading.load_pretrained(tiny_hf_dir, scan_layers=False)
   want = torch_greedy(torch_model, PROMPTS, 6, set(loading.stop_token_ids(tokenizer, config)))
   assert result["answers"] == [{"prompt": p, "answer": a} for p, a in zip(PROMPTS, want)]
-  row = R.report_row("sft", result, result)
+  row = R.report_row("sft", result, result, beta=0.1)
   assert (row["accuracy"], row["margin"]) == (0.0, 0.0)
   assert row["logp_accuracy"] == np.mean(want_chosen > want_rejected)
 
@@ -195,7 +195,7 @@ def test_write_report_writes_the_three_files(tmp_path):
   rows = [{"model": name, "perplexity": 20.0 - i, "accuracy": 0.25 * i, "margin": 0.1 * i,
            "logp_accuracy": 0.5, "answers": answers} for i, name in enumerate(("base", "sft", "dpo", "lm"))]
   out = tmp_path / "run"
-  R.write_report(str(out), rows, fake_curves())
+  R.write_report(str(out), rows, fake_curves(), beta=0.1)
   assert sorted(os.listdir(out)) == ["report.json", "report.md", "training_curves.png"]  # no temporary left
   with Image.open(out / "training_curves.png") as image:
     image.verify()
@@ -213,7 +213,7 @@ def test_write_report_writes_the_three_files(tmp_path):
   assert report["curves"]["dpo"]["last_step"] == 60 and "last_rewards/accuracies" in report["curves"]["dpo"]
   assert report["curves"]["sft"]["last_eval_loss"] is not None
   # A second write replaces the first; a malformed row raises before anything is written.
-  R.write_report(str(out), rows[:1], {})
+  R.write_report(str(out), rows[:1], {}, beta=0.1)
   assert json.loads((out / "report.json").read_text(encoding="utf-8"))["curves"] == {}
   with pytest.raises(ValueError, match="margin"):
-    R.write_report(str(out), [{"model": "x", "perplexity": 1.0, "accuracy": 0.0, "answers": []}], {})
+    R.write_report(str(out), [{"model": "x", "perplexity": 1.0, "accuracy": 0.0, "answers": []}], {}, beta=0.1)

@@ -1,7 +1,7 @@
 """The splash (blockwise Pallas) attention against the plain `model.attention`, alone, in a Llama, on a mesh.
 
 On this CPU the kernel runs in Pallas interpret mode: the same kernel program,
-evaluated with XLA ops. Errors are REFERENCE.md's relative error, max|a - b| /
+evaluated with XLA ops. Errors are relative errors, max|a - b| /
 max|b| over the positions a loss can read (segment != 0). Tolerances: fp32
 1e-5 (only the summation order differs); bf16 2e-2, a few bf16 roundings
 (2^-8 each) of the pre-scaled query and of the probabilities.

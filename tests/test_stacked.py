@@ -9,10 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from anita_jax.apps import check_export
+from anita_jax.apps import commands
 from anita_jax.data import preference
 from anita_jax.data import rows as D
 from anita_jax.train import loop as T
+from anita_jax.train import publish
 from anita_jax.train import workdir as W
 from test_dpo import ROWS, metrics_of, rel, write_pairs
 
@@ -54,7 +55,7 @@ def transformers_pair_logps(model_dir, pairs_file):
 def test_stacked_dpo_starts_at_the_sft_model(demo_config, tiny_hf_dir, pairs_file, tmp_path, capsys):
   sft = stage(demo_config, "sft", tiny_hf_dir, "nf4")
   T.train_and_evaluate(sft, str(tmp_path / "sft"))
-  W.export_workdir(str(tmp_path / "sft"), str(tmp_path / "sft_hf"), dtype="float32", adapter=False)
+  publish.export_hf(str(tmp_path / "sft"), str(tmp_path / "sft_hf"), dtype="float32", adapter=False)
   want = transformers_pair_logps(str(tmp_path / "sft_hf"), pairs_file)
   errors = {}
   for init_as in ("stacked", "merged"):
@@ -85,7 +86,7 @@ def test_three_stacked_stages_export_as_one_peft_adapter(demo_config, tiny_hf_di
       c.init_from = previous
     T.train_and_evaluate(c, str(tmp_path / name))
     previous = str(tmp_path / name)
-  W.export_workdir(previous, str(tmp_path / "hf"), dtype="float32")
+  publish.export_hf(previous, str(tmp_path / "hf"), dtype="float32")
   with open(tmp_path / "hf" / "adapter" / "adapter_config.json") as f:
     assert json.load(f)["r"] == 12  # 4 + 4 + 4: one adapter, the three stages' ranks stacked
 
@@ -102,7 +103,7 @@ def test_three_stacked_stages_export_as_one_peft_adapter(demo_config, tiny_hf_di
   assert rel(ours, theirs_merged) <= 1e-5
   assert net.lora.frozen_rank == 8  # the workdir's model holds the sft and dpo adapters, frozen
   # scripts/check_export.py's comparison (a chat prompt through the export's tokenizer) agrees
-  checked = check_export.compare(previous, str(tmp_path / "hf"), dtype="float32")
+  checked = commands.check_export(previous, str(tmp_path / "hf"), dtype="float32")
   assert checked["relative"] <= 1e-5 and checked["argmax_agreement"] == 1.0, checked
 
 
@@ -116,7 +117,7 @@ def test_merge_into_original_is_the_original_plus_the_adapter_in_peft(demo_confi
   import transformers
   from safetensors.numpy import load_file
   T.train_and_evaluate(stage(demo_config, "sft", tiny_hf_dir, "nf4"), str(tmp_path / "sft"))
-  W.export_workdir(str(tmp_path / "sft"), str(tmp_path / "hf"), dtype="float32", merge_into="original")
+  publish.export_hf(str(tmp_path / "sft"), str(tmp_path / "hf"), dtype="float32", merge_into="original")
   base = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
   with torch.no_grad():
     theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "hf" / "adapter")).merge_and_unload().state_dict()

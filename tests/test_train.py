@@ -10,6 +10,7 @@ import pytest
 from anita_jax.train import config as C
 from anita_jax.train import loop as T
 from anita_jax.train import state as ST
+from anita_jax.train import publish
 from anita_jax.train import workdir as W
 from anita_jax.train.checkpoint import Checkpoints
 from anita_jax.errors import UserError
@@ -139,7 +140,7 @@ def test_exporting_a_workdir_without_checkpoint_is_an_error(demo_config, tiny_hf
   (empty / "checkpoints").mkdir(parents=True)
   (empty / "config.json").write_text(json.dumps(sft_config(demo_config, tiny_hf_dir).to_dict()))
   with pytest.raises(UserError, match="no checkpoint to load"):
-    W.export_workdir(str(empty), str(tmp_path / "out"))
+    publish.export_hf(str(empty), str(tmp_path / "out"))
   with pytest.raises(UserError, match="not a training workdir"):
-    W.export_workdir(str(tmp_path), str(tmp_path / "out"))
+    publish.export_hf(str(tmp_path), str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")

@@ -12,6 +12,7 @@ from anita_jax.model.config import PROJECTIONS
 from anita_jax.train import config as C
 from anita_jax.train import loop as T
 from anita_jax.train import state as ST
+from anita_jax.train import publish
 from anita_jax.train import workdir as W
 from test_dpo import dpo_config, metrics_of, pairs_file, rel  # noqa: F401 - pairs_file is a fixture
 
@@ -21,7 +22,7 @@ PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "
 
 def export_adapter(workdir, out):
   """OUT/adapter: the trained adapter as `scripts/export_hf.py --merged=false` writes it (PEFT files)."""
-  W.export_workdir(workdir, out, merged=False, adapter=True)
+  publish.export_hf(workdir, out, merged=False, adapter=True)
   return os.path.join(out, "adapter")
 
 

@@ -17,15 +17,16 @@ import jax
 import ml_collections
 
 from anita_jax import files
-from anita_jax.apps import gguf
 from anita_jax.apps import report
 from anita_jax.convert import gguf_export
 from anita_jax.model import quant as Q
 from anita_jax.train import loop as train
+from anita_jax.train import publish
+from anita_jax.train import state as ST
+from anita_jax.train.config import STAGES
 from anita_jax.train import workdir as W
 from anita_jax.errors import UserError
 
-STAGES = ("sft", "dpo", "lm")
 DEMO_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_data")
 
 
@@ -56,7 +57,14 @@ def run_stage(c: ml_collections.ConfigDict, stage_dir: str) -> None:
 
 
 def run_recipe(recipe: ml_collections.ConfigDict, workdir: str) -> None:
-  """scripts/anita.py: the three stages, the merged export in DIR/hf, and DIR/report.{json,md} + plot."""
+  """scripts/anita.py: the three stages, the merged export in DIR/hf, and DIR/report.{json,md} + plot.
+
+  One base cache for the whole run: the stages, exports and report models import the shared base once."""
+  with ST.BaseCache():
+    _run_recipe(recipe, workdir)
+
+
+def _run_recipe(recipe: ml_collections.ConfigDict, workdir: str) -> None:
   missing = [s for s in STAGES if s not in recipe]
   if missing:
     raise UserError(f"--config: a recipe config needs the stages {', '.join(STAGES)}; '{missing[0]}' is missing "
@@ -78,17 +86,16 @@ def run_recipe(recipe: ml_collections.ConfigDict, workdir: str) -> None:
     previous = stage_dir
   last = recipe[STAGES[-1]]
   hf_dir = os.path.join(workdir, "hf")
-  exported = not files.isfile(os.path.join(hf_dir, "config.json"))
-  if exported:
+  needs_hf = not files.isfile(os.path.join(hf_dir, "config.json"))
+  if needs_hf:
     with _phase(f"export -> {hf_dir}"):
-      W.export_workdir(previous, hf_dir, dtype=last.model.dtype)
+      publish.export_hf(previous, hf_dir, dtype=last.model.dtype)
   missing = {t: f for t, f in ggufs.items() if not files.isfile(f)}
   if missing:
     first = next(iter(ggufs))
     with _phase(f"gguf -> {', '.join(missing.values())}"):
-      gguf.export_gguf(previous, missing, modelfile_for=first if first in missing else None, progress=True)
-    exported = True
-  if not (trained or exported) and files.isfile(os.path.join(workdir, "report.md")):
+      publish.export_gguf(previous, missing, modelfile_for=first if first in missing else None, progress=True)
+  if not (trained or needs_hf or missing) and files.isfile(os.path.join(workdir, "report.md")):
     _say(f"== report: {os.path.join(workdir, 'report.md')} is up to date (no stage ran), skipped")
     return
   with _phase("report"):

@@ -17,7 +17,7 @@ Definitions (report.md repeats them):
   base model before SFT, in the first stage's quantization and dtype (the frozen weights every stage
   trains on; NF4 in both recipes).
 - margin: the mean over pairs of beta * [(log p(c) - log p_base(c)) - (log p(r) - log p_base(r))]
-  with beta = 0.1: DPO's implicit reward margin, in the units of the dpo stage's `rewards/margins`
+  with the dpo stage's beta: DPO's implicit reward margin, in the units of the dpo stage's `rewards/margins`
   curve (TRL's definition), so the two can be compared.
 For the base model itself every log-ratio is 0: its accuracy and margin are 0 by definition, and
 `logp_accuracy` (the fraction of pairs with log p(chosen) > log p(rejected), no reference) says how
@@ -48,8 +48,8 @@ from anita_jax.infer import generate as G
 from anita_jax.infer import score
 from anita_jax.errors import UserError
 from anita_jax.train import workdir as W
+from anita_jax.train.metrics import read_metrics  # noqa: F401 - the curves' rows; the recipe reads them here
 
-DPO_BETA = 0.1  # of both recipes' dpo stage: the margin is in the units of its rewards/margins
 TEXTS_FILE, PAIRS_FILE, PROMPTS_FILE = "it_eval.jsonl", "dpo_eval.jsonl", "prompts.jsonl"
 STAGE_TITLES = {"sft": "SFT", "dpo": "DPO", "lm": "Italian LM"}
 TABLE_HEADER = "| model | held-out Italian perplexity | preference accuracy | mean margin |"
@@ -135,7 +135,7 @@ def sequence_logps_of_pairs(model, params, tokenizer, pairs_path: str, *, max_le
 
 
 def preference_metrics(policy: tuple[Sequence[float], Sequence[float]],
-                       base: tuple[Sequence[float], Sequence[float]], *, beta: float = DPO_BETA) -> dict[str, float]:
+                       base: tuple[Sequence[float], Sequence[float]], *, beta: float) -> dict[str, float]:
   """{"accuracy", "margin"} of the implicit reward of `policy` against `base` (see the module doc).
 
   policy, base: (chosen logps [N], rejected logps [N]) of the same pairs.
@@ -192,7 +192,7 @@ def evaluate_model(path: str, data_dir: str, *, dtype: str | None = None, quant=
   return {"perplexity": ppl, "chosen_logps": chosen, "rejected_logps": rejected, "answers": replies}
 
 
-def report_row(name: str, result: dict, base_result: dict, *, beta: float = DPO_BETA) -> dict:
+def report_row(name: str, result: dict, base_result: dict, *, beta: float) -> dict:
   """One row of `write_report` from `evaluate_model` results of a model and of the base."""
   logps = (result["chosen_logps"], result["rejected_logps"])
   metrics = preference_metrics(logps, (base_result["chosen_logps"], base_result["rejected_logps"]), beta=beta)
@@ -203,23 +203,6 @@ def report_row(name: str, result: dict, base_result: dict, *, beta: float = DPO_
 
 # ----------------------------------------------------------------------------------------------
 # Training curves
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """The rows of `workdir/metrics.jsonl`, one per step in step order.
-
-  A resumed run logs again the steps after its last checkpoint: the later row of a step wins.
-  A last line cut short (a run killed mid-write) is ignored.
-  """
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not files.isfile(path):
-    raise UserError(f"{path}: no such file (the stage logged no step)")
-  by_step: dict[int, dict] = {}
-  for number, row in files.read_jsonl(path, skip_cut_last_line=True):
-    if not isinstance(row.get("step"), int):
-      raise UserError(f"{path}:{number}: field 'step' is missing or not an integer")
-    by_step[row["step"]] = row
-  return [by_step[s] for s in sorted(by_step)]
 
 
 def _number(value) -> float | None:
@@ -329,7 +312,7 @@ def _check_rows(rows: Sequence[dict]) -> list[dict]:
   return out
 
 
-def definitions(beta: float = DPO_BETA) -> dict[str, str]:
+def definitions(beta: float) -> dict[str, str]:
   return {
       "perplexity": "exp(total NLL / total target tokens) over the held-out Italian texts, token-weighted over "
                     "the whole set; each text encoded as the lm stage encodes it ([BOS] text end-of-turn "
@@ -355,7 +338,7 @@ def _cell(text) -> str:
   return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(rows: Sequence[dict], summaries: dict[str, dict], beta: float = DPO_BETA,
+def render_markdown(rows: Sequence[dict], summaries: dict[str, dict], beta: float,
                     run: Sequence[str] = ()) -> str:
   with_logp = all("logp_accuracy" in r for r in rows)
   header = TABLE_HEADER + (" log p(chosen) > log p(rejected) |" if with_logp else "")
@@ -408,7 +391,7 @@ def render_markdown(rows: Sequence[dict], summaries: dict[str, dict], beta: floa
 
 
 def write_report(out_dir: str, rows: Sequence[dict], curves: dict[str, list[dict]], *,
-                 beta: float = DPO_BETA, run: Sequence[str] = ()) -> None:
+                 beta: float, run: Sequence[str] = ()) -> None:
   """Writes `report.json`, `report.md` and `training_curves.png` into `out_dir`, each atomically.
 
   rows: one per model, in order (base, sft, dpo, lm): {"model", "perplexity", "accuracy", "margin",

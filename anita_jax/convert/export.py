@@ -132,9 +132,9 @@ def _check_params(params: dict) -> None:
   flat = traverse_util.flatten_dict(params, is_leaf=lambda _, node: not isinstance(node, dict))
   for path, value in flat.items():
     if path[-1] in ("lora_a", "lora_b"):
-      raise ValueError(f"{'/'.join(path)}: params still hold LoRA factors; export lora.merge(params, spec)")
+      raise ValueError(f"{'/'.join(path)}: params still hold LoRA factors; export lora.merge_lazily(params, spec)")
     if isinstance(value, (Q.NF4Weight, Q.Int4Weight)):
-      raise ValueError(f"{'/'.join(path)}: params hold a quantized kernel; export lora.merge(params, spec)")
+      raise ValueError(f"{'/'.join(path)}: params hold a quantized kernel; export lora.merge_lazily(params, spec)")
 
 
 def plan_shards(config: ModelConfig, dtype: str, max_shard_bytes: int) -> dict[str, list[str]]:
@@ -230,7 +230,7 @@ def write_hf_model(out_dir: str, config: ModelConfig, params: dict, tokenizer, *
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, atomic: bool = True) -> None:
   """Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-  params: a merged tree of plain arrays, kernels [in, out] (use `lora.merge` first:
+  params: a merged tree of plain arrays, kernels [in, out] (use `lora.merge_lazily` first:
     adapters or quantized kernels raise ValueError).
   tokenizer: a transformers tokenizer, saved with its chat template; None writes
     no tokenizer files.

@@ -320,7 +320,7 @@ def write_gguf(out_file: str, config: ModelConfig, params: dict, tokenizer, *, t
                scan_layers: bool = True, name: str = "", progress: bool = False) -> None:
   """Writes `out_file` (atomically): a llama GGUF that llama.cpp, Ollama and transformers load.
 
-  params: a merged tree of plain arrays (`lora.merge` first), kernels [in, out]; layers stacked
+  params: a merged tree of plain arrays (`lora.merge_lazily` first), kernels [in, out]; layers stacked
     (`scan_layers=True`) or as `layers_{i}`.
   tokenizer: the model's transformers tokenizer (byte-level BPE), with its chat template.
   type: f32 | f16 | bf16 | q8_0 | q4_0 (see the module doc); others raise UserError.

@@ -1,4 +1,4 @@
-"""LoRA adapters beside the frozen weights: creation, the trainable mask, merging, PEFT files.
+"""LoRA adapters beside the frozen weights: creation, the lazy merge, folding stacked adapters.
 
 An adapted projection holds `kernel` (frozen; an array or a quantized node) and
 `lora_a` [in, R], `lora_b` [R, out] (scanned models: a leading [L] axis). The
@@ -18,6 +18,8 @@ import numpy as np
 from flax import traverse_util
 
 from anita_jax.model import quant as Q
+from anita_jax.model import tree as PT
+from anita_jax.model.tree import LORA_LEAVES
 from anita_jax.model.config import ModelConfig
 from anita_jax import files
 from anita_jax.errors import UserError
@@ -25,17 +27,7 @@ from anita_jax.model.config import PROJECTIONS, LoraSpec
 
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-LORA_LEAVES = ("lora_a", "lora_b")
 FROZEN_LEAVES = ("frozen_a", "frozen_b")  # earlier stages' adapters in a stacked stage (see LoraSpec)
-# What `train.trainable` may name besides the adapters.
-TRAINABLE_GROUPS = {
-    "lora": lambda path: path[-1] in LORA_LEAVES,
-    "embed_tokens": lambda path: path[0] == "embed_tokens",
-    "lm_head": lambda path: path[0] == "lm_head",
-    "norms": lambda path: path[-1] == "scale",
-}
-
-
 def make_spec(rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
               targets=PROJECTIONS) -> LoraSpec:
   """A validated LoraSpec; errors name the `lora.*` config field."""
@@ -95,46 +87,6 @@ def init_adapters(rng: jax.Array, config: ModelConfig, spec: LoraSpec, scan_laye
   return traverse_util.unflatten_dict(flat)
 
 
-def trainable_mask(params: dict, groups=("lora",)) -> dict:
-  """A bool tree over `params`: True for the leaves of the named groups (see TRAINABLE_GROUPS)."""
-  unknown = [g for g in groups if g not in TRAINABLE_GROUPS]
-  if unknown:
-    raise UserError(f"train.trainable: unknown group '{unknown[0]}' (choose from {', '.join(TRAINABLE_GROUPS)})")
-  flat = traverse_util.flatten_dict(params, is_leaf=_is_weight)
-  return traverse_util.unflatten_dict(
-      {p: any(TRAINABLE_GROUPS[g](p) for g in groups) for p in flat})
-
-
-def _is_weight(_, node) -> bool:
-  return not isinstance(node, dict)  # quantized nodes are leaves of the parameter tree here
-
-
-def flatten(tree: dict) -> dict:
-  """{path tuple: weight} with quantized nodes kept whole."""
-  return traverse_util.flatten_dict(tree, is_leaf=_is_weight)
-
-
-def unflatten(flat: dict) -> dict:
-  return traverse_util.unflatten_dict(flat)
-
-
-def partition(params: dict, mask: dict) -> tuple[dict, dict]:
-  """(trainable, frozen): two disjoint trees whose union is `params`."""
-  flat = traverse_util.flatten_dict(params, is_leaf=_is_weight)
-  keep = traverse_util.flatten_dict(mask)
-  trainable = {p: v for p, v in flat.items() if keep[p]}
-  frozen = {p: v for p, v in flat.items() if not keep[p]}
-  return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
-
-
-def combine(*trees: dict) -> dict:
-  """The union of disjoint parameter trees (the inverse of `partition`)."""
-  flat = {}
-  for tree in trees:
-    flat.update(traverse_util.flatten_dict(tree, is_leaf=_is_weight))
-  return traverse_util.unflatten_dict(flat)
-
-
 def _adapters_of(flat: dict, parent: tuple, spec: LoraSpec) -> tuple[tuple, tuple[float, ...]]:
   """((a, b) of the frozen then the trainable adapter of a kernel, as present), (their scales)."""
   adapters, scales = [], []
@@ -154,7 +106,7 @@ def _add_adapters(w, adapters: tuple, scales: tuple[float, ...]):
 
 def _map_kernels(params: dict, spec: LoraSpec, fn) -> dict:
   """params without adapters, each kernel replaced by fn(path, kernel, adapters, scales) (`_adapters_of`)."""
-  flat = traverse_util.flatten_dict(params, is_leaf=_is_weight)
+  flat = PT.flatten(params)
   out = {}
   for path, value in flat.items():
     if path[-1] in LORA_LEAVES + FROZEN_LEAVES:
@@ -163,21 +115,11 @@ def _map_kernels(params: dict, spec: LoraSpec, fn) -> dict:
   return traverse_util.unflatten_dict(out)
 
 
-def merge(params: dict, spec: LoraSpec, dtype=jnp.float32) -> dict:
-  """W' = W + frozen_a @ frozen_b + scale * (A @ B) for every adapted kernel, in fp32, cast to `dtype`;
-  adapters removed.
-
-  Quantized kernels are dequantized first (the function that was trained); the
-  result holds plain arrays, ready to be re-quantized for a following stage.
-  `merge_lazily` computes the same one matrix at a time.
-  """
-  merged = _map_kernels(params, spec, lambda _, w, adapters, scales: _add_adapters(Q.dequantize(w), adapters, scales))
-  return jax.tree.map(lambda x: jnp.asarray(x).astype(dtype), merged)
-
-
 @functools.partial(jax.jit, static_argnames=("scales", "dtype"))
 def _merge_one(kernel, adapters, index, scales, dtype):
-  """merge()'s formula for one matrix: layer `index` of stacked leaves (index None: the leaves as they are)."""
+  """W' = W + frozen_a @ frozen_b + scale * (A @ B) in fp32, cast to `dtype`, for one matrix: layer `index` of
+  stacked leaves (index None: the leaves as they are). A quantized W is dequantized first (the function that
+  was trained)."""
   if index is not None:
     kernel, adapters = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False),
                                     (kernel, adapters))
@@ -185,7 +127,7 @@ def _merge_one(kernel, adapters, index, scales, dtype):
 
 
 class MergedKernel:
-  """A kernel of `merge`'s result computed only when read, one matrix at a time on the kernel's device.
+  """A merged kernel (`_merge_one`) computed only when read, one matrix at a time on the kernel's device.
 
   `merged[i]` is layer i of a stacked kernel [L, I, O]; `np.asarray(merged)` the whole kernel. The
   exporters read one layer's matrix at a time, so a merged model is never materialised: host memory
@@ -224,8 +166,9 @@ def _read_lazily(kernel) -> bool:
 
 
 def merge_lazily(params: dict, spec: LoraSpec, dtype=jnp.float32) -> dict:
-  """`merge(params, spec, dtype)` with every adapted or quantized kernel a `MergedKernel`, computed when
-  an exporter reads it; the other leaves as they are. Kernels under `layers` are stacked."""
+  """The merged model: every adapted or quantized kernel a `MergedKernel` (W plus its adapters, in `dtype`),
+  computed when an exporter reads it; the other leaves as they are. Kernels under `layers` are stacked.
+  Adapters leave the tree: the result is ready for export or re-quantization for a following stage."""
   def lazy(path, w, adapters, scales):
     if not adapters and not isinstance(w, (Q.NF4Weight, Q.Int4Weight)):
       return w
@@ -237,7 +180,7 @@ def fold(params: dict, spec: LoraSpec) -> tuple[dict, LoraSpec]:
   """(adapters, spec) of one plain LoRA adapter of rank frozen_rank + rank equal to the frozen and the
   trainable adapters together: A = [frozen_a, lora_a] stacked along the rank, B = [frozen_b; scale * lora_b],
   scale 1 (alpha = rank, no rsLoRA). For PEFT export, and as the next stacked stage's frozen adapter."""
-  flat = traverse_util.flatten_dict(params, is_leaf=_is_weight)
+  flat = PT.flatten(params)
   out = {}
   for path, a in flat.items():
     if path[-1] != "lora_a":
@@ -256,5 +199,5 @@ def fold(params: dict, spec: LoraSpec) -> tuple[dict, LoraSpec]:
 def as_frozen(adapters: dict) -> dict:
   """A folded adapter (`fold`) renamed to the frozen leaves of a stacked stage."""
   names = dict(zip(LORA_LEAVES, FROZEN_LEAVES))
-  flat = traverse_util.flatten_dict(adapters, is_leaf=_is_weight)
+  flat = traverse_util.flatten_dict(adapters, is_leaf=PT.is_leaf)
   return traverse_util.unflatten_dict({p[:-1] + (names[p[-1]],): v for p, v in flat.items()})

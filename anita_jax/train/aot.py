@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of a stage's training step for a Cloud TPU topology, on a CPU host.
 
 libtpu provides compile-only TPU devices for a named topology ('v5e:2x4'); the
-real jitted train step (`train.compile_step`) is lowered against abstract
+real jitted train step (`step.compile_step`) is lowered against abstract
 state, frozen weights and batch carrying their shardings over a mesh of those
 devices, and compiled by the TPU compiler. Nothing is executed and no weight is
 read: the architecture comes from a preset (known hub ids) or a local config.
@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,16 +38,15 @@ import optax
 from anita_jax import files
 from anita_jax.errors import UserError
 from anita_jax.model import quant as Q
-from anita_jax.model import sharding as S
 from anita_jax.model.config import ModelConfig
 from anita_jax.train import config as C
 from anita_jax.train import state as ST
+from anita_jax.train import objectives as OBJ
 from anita_jax.train import step as STEP
 from anita_jax.train.flops import analytic_flops
 from anita_jax.train.optim import make_optimizer
 from anita_jax.train.topology import CHIPS, model_config_of, parse_topology, topology_mesh
 
-BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,11 +57,9 @@ def abstract_batch(c: C.StageConfig, mesh) -> tuple[dict, dict]:
   """(batch, shardings): int32 [grad_accum, rows, tokens] leaves (and the objective's extra inputs),
   as the training loop feeds them."""
   shape = (c.train.grad_accum, *ST.micro_batch_shape(c))
-  shardings = {k: S.batch_sharding(mesh, 3, leading=1) for k in BATCH_KEYS}
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s) for k, s in shardings.items()}
-  for name, (rank, dtype) in STEP.objective(c.stage).extra_inputs(c).items():
-    shardings[name] = S.batch_sharding(mesh, rank, leading=1)
-    batch[name] = jax.ShapeDtypeStruct(shape[:rank], dtype, sharding=shardings[name])
+  shardings = STEP.batch_shardings(c, mesh)
+  kinds = {**{k: (3, jnp.int32) for k in STEP.BATCH_KEYS}, **OBJ.objective(c.stage).extra_inputs(c)}
+  batch = {k: jax.ShapeDtypeStruct(shape[:rank], dtype, sharding=shardings[k]) for k, (rank, dtype) in kinds.items()}
   return batch, shardings
 
 
@@ -223,42 +221,16 @@ def compile_report(c, topology: str, *, cross_check: bool = True, frozen_rank: i
   keeps frozen (the 8B recipe: dpo 16, lm 16 + 64 = 80); they are in the memory and the compiled step,
   not in the analytic FLOPs.
 
-  The keys are listed in INTERFACE.md (scripts/aot_compile.py); per-device
-  values are for one chip, `model_flops` for the whole step on all chips.
+  The keys are those of `_describe` and the functions below it (scripts/aot_compile.py prints them as
+  JSON); per-device values are for one chip, `model_flops` for the whole step on all chips.
   """
   c = C.freeze(c)
   C.validate(c)
-  chip_name, _ = parse_topology(topology)
-  chip = CHIPS[chip_name]
   model_config, source = model_config_of(c.model.path)
   mesh = topology_mesh(topology, (c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
-  devices = mesh.size
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if c.train.batch_size % shards:
-    raise UserError(f"config field 'train.batch_size'={c.train.batch_size}: not divisible by mesh.data x mesh.fsdp "
-                    f"= {shards}, the devices the batch is split over")
-  (rows, length), accum = ST.micro_batch_shape(c), c.train.grad_accum
-  groups = C.trainable_groups(c)
-  head_grad = ("lm_head" in groups and not model_config.tie_word_embeddings) or (
-      "embed_tokens" in groups and model_config.tie_word_embeddings)
-  counted = analytic_flops(model_config, c.lora.rank, tuple(files.split_list(c.lora.targets)), rows=rows, length=length,
-                           grad_accum=accum, remat=c.model.remat, head_weight_grad=head_grad,
-                           reference_forward=STEP.objective(c.stage).reference_forward(c),
-                           attention=c.model.attention)
-  report = {
-      "topology": topology, "chip": chip_name, "devices": devices, "mesh": dict(mesh.shape), "stage": c.stage,
-      "model": {"path": c.model.path, "architecture": source, "num_layers": model_config.num_layers,
-                "num_params": model_config.num_params, "dtype": c.model.dtype, "remat": c.model.remat,
-                "attention": c.model.attention,
-                "quant": c.quant.type, "lora_rank": c.lora.rank, "frozen_lora_rank": frozen_rank},
-      "batch": {"batch_size": c.train.batch_size, "rows_per_micro_batch": rows, "grad_accum": accum,
-                "max_length": length, "rows_per_device": rows // shards,
-                "tokens_per_step": accum * rows * length},
-      "hbm_bytes_per_device": chip.hbm_bytes, "peak_flops_per_chip": chip.peak_flops,
-      "hbm_bandwidth_per_chip": chip.hbm_bandwidth,
-      "model_flops": counted["model"], "flops_analytic": counted["executed"] / devices,
-      "attention_share_of_model_flops": counted["attention_share"], "flop_formula": counted["formula"],
-  }
+  C.check_batch_split(c, mesh.shape["data"] * mesh.shape["fsdp"])
+  counted = _analytic(c, model_config)
+  report = _describe(c, topology, mesh, model_config, source, frozen_rank, counted)
   stage, lowered = lower_step(c, model_config, mesh, frozen_rank)
   jobs = [lowered]
   if cross_check:
@@ -266,24 +238,78 @@ def compile_report(c, topology: str, *, cross_check: bool = True, frozen_rank: i
     jobs += [lower_step(small, dataclasses.replace(model_config, num_layers=n), mesh, frozen_rank)[1]
              for n in (1, 2)]
     jobs.append(_lower_update(stage, make_optimizer(c.train, total_steps=1000)[0]))
-  _progress(f"compiling the {c.stage} step for {topology} ({devices} devices, mesh {dict(mesh.shape)})"
+  _progress(f"compiling the {c.stage} step for {topology} ({mesh.size} devices, mesh {dict(mesh.shape)})"
             + (", and 1- and 2-layer unrolled steps and the update alone to count FLOPs and bytes" if cross_check
                else ""))
+  try:
+    compiled, counts, timing = _compile_all(jobs)
+  except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory verdict is a result, not a failure
+    if not _oom(e):
+      raise
+    return {**report, "fits": False, "compile_error": _oom(e), "per_device_bytes": None, "flops": None,
+            "bytes_accessed": None, "estimated_step_seconds": None, "estimated_mfu": None,
+            "tokens_per_second_per_chip": None, "compile_seconds": None}
+  report.update(timing)
+  report.update(_memory(compiled, stage, CHIPS[report["chip"]]))
+  flops, accessed = counted["executed"] / mesh.size, None
+  if cross_check:
+    flops, accessed, extra = _cross_checked(counts, model_config.num_layers, c.train.grad_accum, counted, mesh.size)
+    report.update(extra)
+  report.update(_estimate(report, flops, accessed, counted, CHIPS[report["chip"]]))
+  return report
+
+
+def _analytic(c, model_config) -> dict:
+  """`flops.analytic_flops` of the stage's step."""
+  (rows, length), groups = ST.micro_batch_shape(c), C.trainable_groups(c)
+  head_grad = ("lm_head" in groups and not model_config.tie_word_embeddings) or (
+      "embed_tokens" in groups and model_config.tie_word_embeddings)
+  return analytic_flops(model_config, c.lora.rank, tuple(files.split_list(c.lora.targets)), rows=rows, length=length,
+                        grad_accum=c.train.grad_accum, remat=c.model.remat, head_weight_grad=head_grad,
+                        reference_forward=OBJ.objective(c.stage).reference_forward(c), attention=c.model.attention)
+
+
+def _describe(c, topology, mesh, model_config, source, frozen_rank, counted) -> dict:
+  """What is compiled: topology, model, batch, the chip's figures and the analytic FLOPs."""
+  chip_name, _ = parse_topology(topology)
+  chip = CHIPS[chip_name]
+  (rows, length), accum = ST.micro_batch_shape(c), c.train.grad_accum
+  return {
+      "topology": topology, "chip": chip_name, "devices": mesh.size, "mesh": dict(mesh.shape), "stage": c.stage,
+      "model": {"path": c.model.path, "architecture": source, "num_layers": model_config.num_layers,
+                "num_params": model_config.num_params, "dtype": c.model.dtype, "remat": c.model.remat,
+                "attention": c.model.attention,
+                "quant": c.quant.type, "lora_rank": c.lora.rank, "frozen_lora_rank": frozen_rank},
+      "batch": {"batch_size": c.train.batch_size, "rows_per_micro_batch": rows, "grad_accum": accum,
+                "max_length": length, "rows_per_device": rows // (mesh.shape["data"] * mesh.shape["fsdp"]),
+                "tokens_per_step": accum * rows * length},
+      "hbm_bytes_per_device": chip.hbm_bytes, "peak_flops_per_chip": chip.peak_flops,
+      "hbm_bandwidth_per_chip": chip.hbm_bandwidth,
+      "model_flops": counted["model"], "flops_analytic": counted["executed"] / mesh.size,
+      "attention_share_of_model_flops": counted["attention_share"], "flop_formula": counted["formula"],
+  }
+
+
+def _compile_all(jobs) -> tuple[Any, list[dict], dict]:
+  """(the step's compiled program, the cost counts of the other jobs, timings). The compiler works on one
+  core per program and the programs are independent: they compile in parallel."""
   start, cpu = time.perf_counter(), time.process_time()
-  # The compiler works on one core per program; the programs are independent.
   with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
     futures = [pool.submit(_compile, x, COUNTING_OPTIONS if i else None) for i, x in enumerate(jobs)]
     try:
       compiled, seconds = futures[0].result()
-    except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory verdict is a result, not a failure
+    except Exception:
       for f in futures[1:]:
         f.cancel()
-      if not _oom(e):
-        raise
-      return {**report, "fits": False, "compile_error": _oom(e), "per_device_bytes": None, "flops": None,
-              "bytes_accessed": None, "estimated_step_seconds": None, "estimated_mfu": None,
-              "tokens_per_second_per_chip": None, "compile_seconds": None}
+      raise
     counts = [_counts(f.result()[0]) for f in futures[1:]]
+  return compiled, counts, {"compile_seconds": round(seconds, 1),
+                            "all_compiles_seconds": round(time.perf_counter() - start, 1),
+                            "all_compiles_cpu_seconds": round(time.process_time() - cpu, 1)}
+
+
+def _memory(compiled, stage, chip) -> dict:
+  """Per-device memory of the compiled step, whether it fits, the compiler's raw cost and the 4-bit check."""
   mem = compiled.memory_analysis()
   per_device = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
                 "temp": mem.temp_size_in_bytes, "alias": mem.alias_size_in_bytes,
@@ -291,41 +317,43 @@ def compile_report(c, topology: str, *, cross_check: bool = True, frozen_rank: i
   per_device["total"] = per_device["argument"] + per_device["output"] + per_device["temp"] - per_device["alias"]
   raw = _cost(compiled)
   check = frozen_weights_check(stage, compiled.as_text())
-  report.update({"per_device_bytes": per_device, "fits": per_device["total"] <= chip.hbm_bytes,
-                 "compile_seconds": round(seconds, 1), "all_compiles_seconds": round(time.perf_counter() - start, 1),
-                 "all_compiles_cpu_seconds": round(time.process_time() - cpu, 1), "flops_xla_raw": raw["flops"],
-                 "bytes_accessed_xla_raw": raw["bytes"], "frozen_check": check,
-                 "frozen_bytes_per_device": check["frozen_bytes_per_device"]})
+  return {"per_device_bytes": per_device, "fits": per_device["total"] <= chip.hbm_bytes,
+          "flops_xla_raw": raw["flops"], "bytes_accessed_xla_raw": raw["bytes"], "frozen_check": check,
+          "frozen_bytes_per_device": check["frozen_bytes_per_device"]}
 
-  flops, accessed = counted["executed"] / devices, None
-  if cross_check:
-    one, two, update = counts
-    keys = ("flops", "bytes", "collective_bytes")
-    whole = {k: one[k] + (two[k] - one[k]) * (model_config.num_layers - 1) for k in keys}
-    flops, accessed, collective = (accum * whole[k] - (accum - 1) * update[k] for k in keys)
-    flops += counted["kernel"] / devices  # Pallas calls are opaque to the compiler's count
-    report.update({"flops_ratio": flops * devices / counted["executed"], "collective_bytes_per_device": collective,
-                   "cross_check": {"cost_1_layer": one, "cost_2_layers": two, "cost_update": update,
-                                   "method": "per device: accum x (a + b L) - (accum - 1) x update, where "
-                                             "a + b L is fitted to the compiler's counts for unrolled 1- and "
-                                             "2-layer steps of one micro-batch (each includes one update), "
-                                             "compiled without collective matmuls; loops left in them "
-                                             "(while_loops) would be counted once"}})
-  report["flops"] = flops
-  report["bytes_accessed"] = accessed
+
+def _cross_checked(counts, num_layers: int, accum: int, counted: dict, devices: int):
+  """(flops, bytes accessed, report entries) per device of the whole step, from the compiler's counts of
+  unrolled 1- and 2-layer steps and of the update alone."""
+  one, two, update = counts
+  keys = ("flops", "bytes", "collective_bytes")
+  whole = {k: one[k] + (two[k] - one[k]) * (num_layers - 1) for k in keys}
+  flops, accessed, collective = (accum * whole[k] - (accum - 1) * update[k] for k in keys)
+  flops += counted["kernel"] / devices  # Pallas calls are opaque to the compiler's count
+  return flops, accessed, {
+      "flops_ratio": flops * devices / counted["executed"], "collective_bytes_per_device": collective,
+      "cross_check": {"cost_1_layer": one, "cost_2_layers": two, "cost_update": update,
+                      "method": "per device: accum x (a + b L) - (accum - 1) x update, where a + b L is fitted to "
+                                "the compiler's counts for unrolled 1- and 2-layer steps of one micro-batch (each "
+                                "includes one update), compiled without collective matmuls; loops left in them "
+                                "(while_loops) would be counted once"}}
+
+
+def _estimate(report: dict, flops: float, accessed: float | None, counted: dict, chip) -> dict:
+  """The roofline step time per chip and what follows from it (MFU, tokens per second)."""
   compute_s = flops / chip.peak_flops
   memory_s = accessed / chip.hbm_bandwidth if accessed is not None else 0.0
   step_s = max(compute_s, memory_s)
-  report.update({
+  return {
+      "flops": flops, "bytes_accessed": accessed,
       "estimated_step_seconds": step_s, "estimated_compute_seconds": compute_s, "estimated_memory_seconds":
       memory_s if accessed is not None else None, "estimated_bound": "compute" if compute_s >= memory_s else "memory",
-      "estimated_mfu": counted["model"] / (step_s * chip.peak_flops * devices),
-      "tokens_per_second_per_chip": accum * rows * length / step_s / devices,
+      "estimated_mfu": counted["model"] / (step_s * chip.peak_flops * report["devices"]),
+      "tokens_per_second_per_chip": report["batch"]["tokens_per_step"] / step_s / report["devices"],
       "estimate": "roofline max(flops / peak, bytes / HBM bandwidth) per chip; collectives "
                   "(collective_bytes_per_device) and their overlap are not in it; tokens count every position "
                   "of the [rows, T] batch, padding included",
-  })
-  return report
+  }
 
 
 def fit_micro_batch(c, topology: str, frozen_rank: int = 0) -> tuple[C.StageConfig, dict, list[dict]]:
@@ -355,5 +383,5 @@ def fit_micro_batch(c, topology: str, frozen_rank: int = 0) -> tuple[C.StageConf
     if report["fits"]:
       return trial, report, trials
   raise UserError(f"--topology={topology}: no micro-batch of the step's {total} "
-                  f"{STEP.objective(c.stage).example_name} fits, down to {shards} per micro-batch "
+                  f"{OBJ.objective(c.stage).example_name} fits, down to {shards} per micro-batch "
                   f"({shards} device(s) share it); use a larger topology or a shorter data.max_length")

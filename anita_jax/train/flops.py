@@ -1,4 +1,10 @@
-"""The analytic FLOP count of one LoRA training step, the cross-check of the compiler's count (`aot`)."""
+"""FLOP counts of one LoRA training step.
+
+`analytic_flops`: every matmul the step computes, the cross-check of the compiler's count (`aot`).
+`benchmark_flops`: the usual MFU convention of the training benchmarks (6 N T style, no recomputation),
+so their MFU compares with published figures; it differs from `analytic_flops`' "model" count by a few
+percent (attention counted as 2 instead of 3 products of the full square, layer 0's q/k/v input gradients).
+"""
 
 from __future__ import annotations
 
@@ -88,3 +94,19 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
   return {"model": float(model), "executed": float(model + swap + grad_accum * recompute), "kernel": float(kernel),
           "formula": formula,
           "attention_share": float(grad_accum * n_layers * attn * (3 + (1 if reference_forward else 0)) / model)}
+
+
+def benchmark_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, length: int,
+                    reference_forward: bool) -> float:
+  """Model FLOPs of one micro-batch for MFU: 4 N_frozen T (forward, and the backward through activations
+  only) + 6 N_lora T (LoRA forward, input and weight gradients) + attention 8 L T d_attn per token (QK^T and
+  AV, forward and backward, full square); with `reference_forward` (DPO) + 2 N_frozen T + 2 L T d_attn per
+  token. N_frozen includes the head."""
+  dims = LA.projection_dims(mc)
+  frozen = mc.num_layers * sum(i * o for i, o in dims.values()) + mc.vocab_size * mc.hidden_size
+  adapters = mc.num_layers * sum(lora_rank * (i + o) for name, (i, o) in dims.items() if name in lora_targets)
+  attention = 4 * 2 * mc.num_layers * length * mc.num_heads * mc.head_dim
+  flops = (4 * frozen + 6 * adapters + attention) * rows * length
+  if reference_forward:
+    flops += (2 * frozen + attention // 4) * rows * length
+  return float(flops)

@@ -1,10 +1,13 @@
-"""Training workdirs as models: the base a stage starts from, a trained stage loaded back, its exports.
+"""Training workdirs as models: the base a stage starts from, a trained stage loaded back, merged.
 
-A stage's base is `model.path`, or with `init_from` the merged model of the
-previous stage: its base plus its adapter, merged once and cached in that
-stage's workdir as a Hugging Face directory (`merged/`, or `merged-original/`
-for `merge_into=original`), then re-quantized by the stage that loads it.
-`load_model` opens any model PATH, a training workdir included.
+A stage's base is `model.path`, or with `init_from` either the previous stage's
+own base with its adapters kept frozen beside it (`init_as=stacked`: they are
+folded into one low-rank term, `frozen_adapters`) or the merged model of the
+previous stage (`init_as=merged`): its base plus its adapter, merged once and
+cached in that stage's workdir as a Hugging Face directory (`merged/`, or
+`merged-original/` for `merge_into=original`), then re-quantized by the stage
+that loads it. `load_model` opens any model PATH, a training workdir included;
+`generation_config` gives any PATH's sampling settings. Exports: `train.publish`.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from jax.experimental import multihost_utils
 
 from anita_jax import files
 from anita_jax.convert import export
+from anita_jax.convert import generation
 from anita_jax.convert import loading
 from anita_jax.errors import UserError
 from anita_jax.model import lora
+from anita_jax.model import tree as PT
 from anita_jax.model import sharding as S
 from anita_jax.model.llama import unstack_layers
 from anita_jax.train import config as C
@@ -44,7 +49,7 @@ def base_model_path(c: C.StageConfig) -> str:
   return base_model_path(C.read_config(c.init_from))
 
 
-def _check_stackable(c: C.StageConfig, prev: C.StageConfig) -> None:
+def check_stackable(c: C.StageConfig, prev: C.StageConfig) -> None:
   """A stacked stage computes exactly the previous stage's function at step 0 only over the same base."""
   where = f"init_from={c.init_from}"
   for field in ("quant.type", "quant.block_size", "quant.double_quant", "lora.targets", "model.scan_layers"):
@@ -54,8 +59,8 @@ def _check_stackable(c: C.StageConfig, prev: C.StageConfig) -> None:
       raise UserError(f"config field '{field}'={mine!r}: init_as=stacked keeps the earlier stages' base and "
                       f"adapters, and {where} was trained with {theirs!r}; use the same value or init_as=merged")
   if C.trainable_groups(prev) != ("lora",):
-    raise UserError(f"{where}: that stage trained {prev.train.trainable!r}, not only its adapters; a stacked "
-                    "stage keeps adapters only: use init_as=merged")
+    raise UserError(f"{where}: that stage was trained with train.trainable={prev.train.trainable!r}, not only its "
+                    "adapters; a stacked stage keeps adapters only: use init_as=merged")
 
 
 def frozen_adapters(c: C.StageConfig) -> tuple[int, dict] | None:
@@ -64,7 +69,7 @@ def frozen_adapters(c: C.StageConfig) -> tuple[int, dict] | None:
   if not c.init_from or c.init_as != "stacked":
     return None
   prev = C.read_config(c.init_from)
-  _check_stackable(c, prev)
+  check_stackable(c, prev)
   earlier = frozen_adapters(prev)
   mesh = S.make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
   abstract = ST.abstract_stage(prev, loading.load_config(base_model_path(prev)), mesh, with_optimizer=False,
@@ -77,7 +82,7 @@ def frozen_adapters(c: C.StageConfig) -> tuple[int, dict] | None:
     adapters = jax.device_get(checkpoints.restore_params(step, abstract.state["params"]))
   finally:
     checkpoints.close()
-  folded, spec = lora.fold(lora.combine(adapters, earlier[1] if earlier else {}), abstract.spec)
+  folded, spec = lora.fold(PT.combine(adapters, earlier[1] if earlier else {}), abstract.spec)
   return spec.rank, lora.as_frozen(jax.device_get(folded))
 
 
@@ -99,17 +104,17 @@ def load_trained(workdir: str, mesh=None, config: C.StageConfig | None = None) -
 def merged_params(stage: ST.Stage, merge_into: str = "dequantized", dtype: str = "float32") -> dict:
   """A trained stage's base plus its adapters, merged as the exporters read it: each adapted kernel a
   `lora.MergedKernel`, computed one layer's matrix at a time (never the whole merged model in memory)."""
-  params = lora.combine(stage.state["params"], stage.frozen)
+  params = PT.combine(stage.state["params"], stage.frozen)
   if merge_into == "original":
     # The previous base as stored (full precision, read one matrix at a time) plus this stage's delta, as
     # the ANITA scripts merged.
     _, original, _, _ = loading.stored_model(stage.base_path, scan_layers=stage.config.model.scan_layers)
-    adapters = {p: v for p, v in lora.flatten(params).items() if p[-1] in lora.LORA_LEAVES + lora.FROZEN_LEAVES}
-    params = lora.combine(original, lora.unflatten(adapters))
+    adapters = {p: v for p, v in PT.flatten(params).items() if p[-1] in lora.LORA_LEAVES + lora.FROZEN_LEAVES}
+    params = PT.combine(original, PT.unflatten(adapters))
   return lora.merge_lazily(params, stage.spec, jnp.dtype(dtype))
 
 
-def _barrier(name: str) -> None:
+def barrier(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
 
@@ -123,6 +128,7 @@ def stage_chain(workdir: str) -> list[C.StageConfig]:
 
 
 def generation_defaults(c: C.StageConfig) -> dict:
+  """The sampling fields of the generation_config.json a stage's merged export writes (`generation.*`)."""
   g = c.generation
   out = {"max_new_tokens": int(g.max_new_tokens)}
   if g.temperature > 0:
@@ -130,40 +136,14 @@ def generation_defaults(c: C.StageConfig) -> dict:
   return out
 
 
-def export_workdir(workdir: str, out: str, *, merged: bool = True, adapter: bool = True, dtype: str = "bfloat16",
-                   merge_into: str = "dequantized") -> None:
-  """scripts/export_hf.py: OUT/ (merged model) and OUT/adapter/ (PEFT), written atomically as one directory."""
-  if merge_into not in ("dequantized", "original"):
-    raise UserError(f"--merge_into={merge_into}: expected dequantized or original")
-  if not (merged or adapter):
-    raise UserError("nothing to export: --merged=false and --adapter=false")
-  if not is_workdir(workdir):
-    raise UserError(f"{workdir}: not a training workdir (no config.json and checkpoints/)")
-  chain = stage_chain(workdir)
-  stage = load_trained(workdir)
-  c = stage.config
-  stages = [{"name": s.stage, "data": s.data.train, "lora": {"rank": s.lora.rank, "alpha": s.lora.alpha,
-                                                             "rslora": s.lora.rslora},
-             "quant": s.quant.type, "lr": s.train.lr, "steps": s.train.steps, "batch_size": s.train.batch_size,
-             "grad_accum": s.train.grad_accum} for s in chain]
-  original = model_path(chain[0].model.path)
-  card = export.model_card(original, stages, c.model.license)
-  params = merged_params(stage, merge_into, "float32") if merged else None
-  # One PEFT adapter over the stage's base: a stacked stage's earlier adapters and its own, folded.
-  adapters, spec = stage.state["params"], stage.spec
-  if spec.frozen_rank:
-    adapters, spec = lora.fold(lora.combine(adapters, stage.frozen), spec)
-  adapters = jax.device_get(adapters)
-  if jax.process_index() == 0:
-    with export.atomic_dir(out) as tmp:
-      if merged:
-        export.write_hf_model(tmp, stage.model_config, params, stage.tokenizer, dtype=dtype,
-                              scan_layers=c.model.scan_layers, generation_config=generation_defaults(c),
-                              model_card=card, atomic=False)
-      if adapter:
-        export.write_adapter(os.path.join(tmp, "adapter"), adapters, stage.model_config, spec,
-                             base_model=stage.base_path, scan_layers=c.model.scan_layers, atomic=False)
-  _barrier(f"export {out}")
+def generation_config(path: str) -> dict | None:
+  """The generation config of any model PATH: a training workdir's is what its merged export writes (so
+  `scripts/generate.py` samples alike from the workdir, its export and their gs:// copies), any other PATH's
+  is `convert.generation.generation_config`. None: the model has none (greedy)."""
+  path = model_path(path)
+  if is_workdir(path):
+    return generation_defaults(C.read_config(path))
+  return generation.generation_config(path)
 
 
 def merged_model(workdir: str, merge_into: str = "dequantized") -> str:
@@ -176,7 +156,7 @@ def merged_model(workdir: str, merge_into: str = "dequantized") -> str:
   if jax.process_index() == 0:
     export.write_hf_model(out, stage.model_config, params, stage.tokenizer, dtype="float32",
                           scan_layers=stage.config.model.scan_layers)
-  _barrier(f"merged {out}")
+  barrier(f"merged {out}")
   return out
 
 
@@ -185,12 +165,12 @@ def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: 
   """(Llama module, params on the default device, tokenizer, config) for any model PATH.
 
   A training workdir comes with its trained adapter (and, unless overridden, its own dtype and
-  quantization) and no optimizer state; other paths as `loading.load_model`. `adapters=False` runs a
+  quantization) and no optimizer state; other paths as `loading.load_pretrained`. `adapters=False` runs a
   workdir without its own trained adapter (earlier stages' frozen adapters stay on): the weights the stage
-  started from, on the base it imported (`state._BASE_CACHE`: no second import).
+  started from, on the base it imported (within an open `state.BaseCache`: no second import).
   """
   if not is_workdir(path):
-    return loading.load_model(path, dtype=dtype, quant=quant, scan_layers=scan_layers)
+    return loading.load_pretrained(path, dtype=dtype, quant=quant, scan_layers=scan_layers)
   if dtype is not None and dtype not in loading.DTYPES:
     raise UserError(f"--dtype={dtype}: expected one of {', '.join(loading.DTYPES)}")
   c = C.read_config(path)
@@ -202,7 +182,7 @@ def load_model(path: str, *, dtype: str | None = None, quant=None, scan_layers: 
     changes.update({"quant.type": quant.type, "quant.block_size": quant.block_size,
                     "quant.double_quant": quant.double_quant})
   stage = load_trained(path, mesh=_one_device_mesh(), config=C.replace(c, **changes))
-  params = lora.combine(stage.state["params"], stage.frozen)
+  params = PT.combine(stage.state["params"], stage.frozen)
   model = stage.model.clone(deterministic=True, adapters_enabled=adapters)
   if scan_layers is None:
     scan_layers = loading.decode_scan(stage.config.quant.type)
