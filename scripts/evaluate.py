@@ -10,7 +10,7 @@ from absl import flags
 from anita_jax.apps import cli
 from anita_jax.apps import commands
 
-_MODEL = flags.DEFINE_string("model", None, "Model PATH (default: the embedded SmolLM2-135M-Instruct GGUF).")
+_MODEL, _DTYPE, _QUANT = cli.define_model_flags()
 _TASKS = flags.DEFINE_list("tasks", None, "Comma-separated lm-eval task, group or tag names (or YAML files).")
 _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "Few-shot examples (default: each task's own).")
 _LIMIT = flags.DEFINE_integer("limit", None, "At most this many documents per task (for quick checks).")
@@ -18,9 +18,6 @@ _INCLUDE_PATH = flags.DEFINE_string("include_path", None, "A directory of extra 
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
 _CHAT = flags.DEFINE_bool("apply_chat_template", False, "Wrap prompts in the tokenizer's chat template.")
 _SYSTEM = flags.DEFINE_string("system", None, "System instruction (lm-eval's system_instruction).")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: float32 on CPU, "
-                           "bfloat16 on accelerators).")
-_QUANT = flags.DEFINE_enum("quant", None, ["none", "nf4", "int4"], "Frozen projection weights (default: none).")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", None, "Context window (default: max_position_embeddings).")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap_iters", 100000, "lm-eval's bootstrap iterations for stderrs "
                                   "(0 = none).")

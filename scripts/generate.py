@@ -5,7 +5,7 @@ from absl import flags
 from anita_jax.apps import cli
 from anita_jax.apps import commands
 
-_MODEL = flags.DEFINE_string("model", None, "Model PATH (default: the embedded SmolLM2-135M-Instruct GGUF).")
+_MODEL, _DTYPE, _QUANT = cli.define_model_flags()
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt (or use --prompts_file).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, 'JSONL rows {"prompt", "system"?}; prints JSON lines.')
 _SYSTEM = flags.DEFINE_string("system", None, "System prompt (chat mode).")
@@ -15,9 +15,6 @@ _TEMPERATURE = flags.DEFINE_float("temperature", None, "0 = greedy (default: gen
 _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass (default: generation config, else 1).")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Top-k filter, 0 = off (default: generation config, else 0).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: float32 on CPU, "
-                           "bfloat16 on accelerators).")
-_QUANT = flags.DEFINE_enum("quant", None, ["none", "nf4", "int4"], "Frozen projection weights (default: none).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts per batch with --prompts_file.")
 
 

@@ -63,28 +63,28 @@ def write_tasks(directory):
   ppl = jsonl("ppl.jsonl", [{"text": t} for t in PARAGRAPHS])
   gen = jsonl("gen.jsonl", [{"question": q, "answer": a} for q, a in GEN_DOCS])
   header = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\n"
-  with open(os.path.join(directory, "mc_it.yaml"), "w", encoding="utf-8") as f:
-    f.write("task: test_mc_it\n" + header.format(mc) + (
-        "output_type: multiple_choice\n"
-        "doc_to_text: \"Domanda: {{question}}\\nRisposta:\"\n"
-        "doc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: \"{{answer}}\"\n"
-        "metric_list:\n"
-        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"))
-  with open(os.path.join(directory, "ppl_it.yaml"), "w", encoding="utf-8") as f:
-    f.write("task: test_ppl_it\n" + header.format(ppl) + (
-        "output_type: loglikelihood_rolling\n"
-        "doc_to_text: \"\"\n"
-        "doc_to_target: \"{{text}}\"\n"
-        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"))
-  with open(os.path.join(directory, "gen_it.yaml"), "w", encoding="utf-8") as f:
-    f.write("task: test_gen_it\n" + header.format(gen) + (
-        "output_type: generate_until\n"
-        "doc_to_text: \"{{question}}\"\n"
-        "doc_to_target: \"{{answer}}\"\n"
-        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 16\n  do_sample: false\n"
-        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"))
+  tasks = {
+      "mc_it": (mc, "output_type: multiple_choice\n"
+                    "doc_to_text: \"Domanda: {{question}}\\nRisposta:\"\n"
+                    "doc_to_choice: \"{{choices}}\"\n"
+                    "doc_to_target: \"{{answer}}\"\n"
+                    "metric_list:\n"
+                    "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+                    "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"),
+      "ppl_it": (ppl, "output_type: loglikelihood_rolling\n"
+                      "doc_to_text: \"\"\n"
+                      "doc_to_target: \"{{text}}\"\n"
+                      "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n"
+                      "  - metric: bits_per_byte\n"),
+      "gen_it": (gen, "output_type: generate_until\n"
+                      "doc_to_text: \"{{question}}\"\n"
+                      "doc_to_target: \"{{answer}}\"\n"
+                      "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 16\n  do_sample: false\n"
+                      "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"),
+  }
+  for name, (data, body) in tasks.items():
+    with open(os.path.join(directory, f"{name}.yaml"), "w", encoding="utf-8") as f:
+      f.write(f"task: test_{name}\n" + header.format(data) + body)
   return directory
 
 

@@ -233,6 +233,22 @@ def test_stacking_accepts_a_new_rank_and_lr(tiny_hf_dir, tmp_path):
     W.frozen_adapters(c)
 
 
+def test_stacking_accepts_the_same_targets_in_another_order(tiny_hf_dir, tmp_path):
+  prev = _previous_workdir(tmp_path, tiny_hf_dir, **{"lora.targets": "q_proj,v_proj"})
+  c = C.replace(C.StageConfig(stage="dpo"), **{"init_from": prev, "model.path": tiny_hf_dir,
+                                               "lora.targets": "v_proj, q_proj"})
+  with pytest.raises(UserError, match="no checkpoint to start from"):
+    W.frozen_adapters(c)
+
+
+def test_a_trainable_head_of_a_tied_model_is_refused(tiny_hf_dir):
+  """tiny_hf_dir ties its head to the embedding: `lm_head` names no weight, so it would train nothing."""
+  from anita_jax.convert import loading
+  c = C.replace(C.StageConfig(), **{"model.path": tiny_hf_dir, "train.trainable": "lora,lm_head"})
+  with pytest.raises(UserError, match=r"'lm_head' names no weight of this model \(its head is the tied"):
+    ST.abstract_stage(c, loading.load_config(tiny_hf_dir), S.make_mesh(1, 1, 1), with_optimizer=False)
+
+
 def test_stacking_refusal_is_one_error_line(tiny_hf_dir, tmp_path):
   """scripts/train.py: two refused fields, one `error:` line (the first field), exit 2, before any import."""
   prev = _previous_workdir(tmp_path, tiny_hf_dir, **{"quant.type": "int4", "model.scan_layers": False})

@@ -64,6 +64,15 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+def define_model_flags():
+  """--model, --dtype and --quant, as the scripts that run any model PATH take them: (model, dtype, quant)."""
+  return (flags.DEFINE_string("model", None, "Model PATH (default: the embedded SmolLM2-135M-Instruct GGUF)."),
+          flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: a workdir's own; "
+                            "else float32 on CPU, bfloat16 on accelerators)."),
+          flags.DEFINE_enum("quant", None, ["none", "nf4", "int4"], "Frozen projection weights (default: a "
+                            "workdir's own; else none)."))
+
+
 def define_distributed_flags() -> None:
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs "
                       "(default: detected from the environment, as on Cloud TPU pod slices).")

@@ -93,17 +93,23 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
-class Linear(nn.Module):
-  """y = x W (+ scale * B(A(dropout(x))) when a LoRA adapter is attached)."""
+class _Projections(nn.Module):
+  """What a projection and every module holding projections share: the compute and parameter dtypes, the
+  LoRA adapter and whether it runs, dropout, the frozen 4-bit format."""
 
-  features: int
-  axes: tuple[str, str]
-  dtype: Any
-  param_dtype: Any
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
   lora: LoraSpec | None = None
   adapters_enabled: bool = True
   deterministic: bool = True
   quant: Q.QuantSpec | None = None
+
+
+class Linear(_Projections, kw_only=True):
+  """y = x W (+ scale * B(A(dropout(x))) when a LoRA adapter is attached)."""
+
+  features: int
+  axes: tuple[str, str]
 
   @nn.compact
   def __call__(self, x):
@@ -173,22 +179,17 @@ def _lora_delta_bwd(scale, residuals, dy):
 lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
-class _Block(nn.Module):
-  """Shared fields of the modules that hold projections."""
+class _Block(_Projections, kw_only=True):
+  """A module that holds projections (`linear`) and passes its fields on to the ones it holds."""
 
   config: ModelConfig
-  dtype: Any
-  param_dtype: Any
-  lora: LoraSpec | None = None
-  adapters_enabled: bool = True
-  deterministic: bool = True
-  quant: Q.QuantSpec | None = None
   attention: str = "dot"
 
   def linear(self, name: str, features: int, axes: tuple[str, str]) -> Linear:
     lora = self.lora if self.lora is not None and name in self.lora.targets else None
-    return Linear(features, axes, self.dtype, self.param_dtype, lora, self.adapters_enabled,
-                  self.deterministic, self.quant, name=name)
+    return Linear(features=features, axes=axes, dtype=self.dtype, param_dtype=self.param_dtype, lora=lora,
+                  adapters_enabled=self.adapters_enabled, deterministic=self.deterministic, quant=self.quant,
+                  name=name)
 
   def child_kwargs(self) -> dict[str, Any]:
     return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
@@ -333,7 +334,8 @@ class Llama(nn.Module):
     if c.tie_word_embeddings:
       logits = jnp.dot(x_btd, embedding.astype(self.dtype).T)
     else:
-      logits = Linear(c.vocab_size, ("embed", "vocab"), self.dtype, self.param_dtype, name="lm_head")(x_btd)
+      logits = Linear(features=c.vocab_size, axes=("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype,
+                      name="lm_head")(x_btd)
     logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
     return logits, new_cache
 

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from anita_jax.convert import loading
+from anita_jax.errors import UserError
 from anita_jax.model import lora as LA
 from anita_jax.model import tree as PT
 from anita_jax.model import quant as Q
@@ -108,6 +109,11 @@ def abstract_stage(c, model_config, mesh, tokenizer=None, base_path: str = "", *
   shardings = S.shardings_of(boxed, mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.meta.unbox(boxed), shardings)
+  for group in C.trainable_groups(c):  # e.g. lm_head of a model whose head is its (tied) embedding
+    if not any(jax.tree.leaves(PT.trainable_mask(abstract, (group,)))):
+      raise UserError(f"config field 'train.trainable'={c.train.trainable!r}: '{group}' names no weight of this "
+                      "model" + (" (its head is the tied embedding: train embed_tokens)"
+                                 if group == "lm_head" and model_config.tie_word_embeddings else ""))
   trainable, frozen = PT.partition(abstract, PT.trainable_mask(abstract, C.trainable_groups(c)))
   # Groups other than the adapters (norms, embeddings, lm_head) train in fp32.
   trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), trainable)

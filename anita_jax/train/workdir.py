@@ -55,6 +55,8 @@ def check_stackable(c: C.StageConfig, prev: C.StageConfig) -> None:
   for field in ("quant.type", "quant.block_size", "quant.double_quant", "lora.targets", "model.scan_layers"):
     group, name = field.split(".")
     mine, theirs = getattr(getattr(c, group), name), getattr(getattr(prev, group), name)
+    if field == "lora.targets":  # the same projections in any order
+      mine, theirs = (",".join(sorted(files.split_list(x))) for x in (mine, theirs))
     if mine != theirs:
       raise UserError(f"config field '{field}'={mine!r}: init_as=stacked keeps the earlier stages' base and "
                       f"adapters, and {where} was trained with {theirs!r}; use the same value or init_as=merged")
