@@ -174,7 +174,7 @@ def test_packed_logps_and_gradients_equal_padded(demo_config, tiny_hf_dir):
 
   obj = Dpo()
   for loss_type, sft_weight, smoothing in (("sigmoid", 0.5, 0.0), ("ipo", 0.0, 0.0), ("robust", 0.0, 0.1),
-                                           ("hinge", 0.0, 0.0)):
+                                           ("hinge", 0.0, 0.0), ("sigmoid_norm", 0.0, 0.0), ("nca_pair", 0.0, 0.0)):
     spec = dataclasses.replace(stage.step_spec, grad_accum=1, loss_type=loss_type, sft_weight=sft_weight,
                                label_smoothing=smoothing)
     results = []

@@ -128,8 +128,9 @@ class _Accelerator:
 
 
 def trl_dpo(model, inputs, ref_chosen, ref_rejected, *, beta, loss_types, loss_weights=None,
-            label_smoothing=0.0):
+            label_smoothing=0.0, discopop_tau=0.05):
   trainer = types.SimpleNamespace(
+      args=types.SimpleNamespace(discopop_tau=discopop_tau),
       model=model, accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=None,
       precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=list(loss_types),
       loss_weights=loss_weights or [1.0] * len(loss_types), beta=beta, label_smoothing=label_smoothing,
@@ -186,18 +187,43 @@ LOSS_CASES = [("sigmoid", 0.1, 0.0, 0.0), ("sigmoid", 0.5, 0.0, 0.0), ("robust",
               ("sigmoid", 0.1, 0.0, 0.7), ("ipo", 0.5, 0.0, 1.0), ("robust", 0.2, 0.1, 0.3)]
 
 
+# The other loss types TRL 1.16 computes per pair: (loss_type, beta, label_smoothing, discopop_tau).
+MORE_LOSS_CASES = [("exo_pair", 0.1, 1e-3, 0.05), ("exo_pair", 0.5, 0.2, 0.05), ("nca_pair", 0.1, 0.0, 0.05),
+                   ("nca_pair", 1.0, 0.0, 0.05), ("bco_pair", 0.1, 0.0, 0.05), ("bco_pair", 0.5, 0.0, 0.05),
+                   ("sppo_hard", 0.1, 0.0, 0.05), ("sppo_hard", 1.0, 0.0, 0.05), ("apo_zero", 0.1, 0.0, 0.05),
+                   ("apo_zero", 0.5, 0.0, 0.05), ("apo_down", 0.1, 0.0, 0.05), ("apo_down", 0.5, 0.0, 0.05),
+                   ("discopop", 0.1, 0.0, 0.05), ("discopop", 0.3, 0.0, 0.5), ("sigmoid_norm", 0.1, 0.0, 0.05),
+                   ("sigmoid_norm", 1.0, 0.0, 0.05)]
+
+
+def test_every_offered_loss_type_is_checked_against_trl():
+  assert {case[0] for case in LOSS_CASES + MORE_LOSS_CASES} == set(losses.DPO_LOSS_TYPES)
+
+
 @pytest.mark.parametrize("loss_type,beta,eps,sft_weight", LOSS_CASES)
 def test_dpo_loss_matches_trl(loss_type, beta, eps, sft_weight):
-  token_logps, mask, ref, inputs = pair_batch(LOSS_CASES.index((loss_type, beta, eps, sft_weight)))
+  _check_against_trl(LOSS_CASES.index((loss_type, beta, eps, sft_weight)), loss_type, beta, eps, sft_weight)
+
+
+@pytest.mark.parametrize("loss_type,beta,eps,tau", MORE_LOSS_CASES)
+def test_more_dpo_loss_types_match_trl(loss_type, beta, eps, tau):
+  _check_against_trl(100 + MORE_LOSS_CASES.index((loss_type, beta, eps, tau)), loss_type, beta, eps, 0.0, tau)
+
+
+def _check_against_trl(seed, loss_type, beta, eps, sft_weight, tau=0.05):
+  """Our per-pair losses' mean against TRL's loss of the batch, then each pair's against TRL's of that pair."""
+  token_logps, mask, ref, inputs = pair_batch(seed)
   pairs = len(mask) // 2
   chosen, rejected, n_chosen, n_rejected = ours_from_token_logps(token_logps, mask)
   ours_b = jax.jit(lambda *a: losses.dpo_loss(
-      *a, beta=beta, loss_type=loss_type, label_smoothing=eps, chosen_tokens=n_chosen,
+      *a, beta=beta, loss_type=loss_type, label_smoothing=eps, discopop_tau=tau, chosen_tokens=n_chosen,
       rejected_tokens=n_rejected))(chosen, rejected, ref[:pairs], ref[pairs:])
+  margins = (np.asarray(chosen) - ref[:pairs]) - (np.asarray(rejected) - ref[pairs:])
+  assert np.abs(margins).min() > 1e-2  # a reference apart from the policy
   ours = float(jnp.mean(ours_b) + sft_weight * losses.chosen_nll(chosen, n_chosen))
   trl_types, weights = ([loss_type, "sft"], [1.0, sft_weight]) if sft_weight else ([loss_type], None)
   want, _ = trl_dpo(_LogprobStub(token_logps), inputs, ref[:pairs], ref[pairs:], beta=beta,
-                    loss_types=trl_types, loss_weights=weights, label_smoothing=eps)
+                    loss_types=trl_types, loss_weights=weights, label_smoothing=eps, discopop_tau=tau)
   np.testing.assert_allclose(ours, want, rtol=RTOL, atol=RTOL)
   if sft_weight:
     return
@@ -205,7 +231,7 @@ def test_dpo_loss_matches_trl(loss_type, beta, eps, sft_weight):
   for i in range(pairs):  # every pair on its own, so each per-pair loss is checked
     one = {k: v[rows[:, i]] for k, v in inputs.items()}
     want_i, _ = trl_dpo(_LogprobStub(token_logps[rows[:, i]]), one, ref[i:i + 1], ref[pairs + i:pairs + i + 1],
-                        beta=beta, loss_types=[loss_type], label_smoothing=eps)
+                        beta=beta, loss_types=[loss_type], label_smoothing=eps, discopop_tau=tau)
     np.testing.assert_allclose(float(ours_b[i]), want_i, rtol=RTOL, atol=RTOL)
 
 
@@ -224,6 +250,55 @@ def test_sigmoid_label_smoothing_is_refused_because_trl_ignores_it():
     losses.dpo_loss(chosen, rejected, ref[:pairs], ref[pairs:], beta=0.1, loss_type="robust", label_smoothing=0.5)
   with pytest.raises(UserError, match="loss_type"):
     losses.dpo_loss(chosen, rejected, ref[:pairs], ref[pairs:], beta=0.1, loss_type="kto")
+
+
+REFUSALS = [  # (loss_type, label_smoothing, discopop_tau, the field the one error line names)
+    ("aot", 0.0, 0.05, "dpo.loss_type"), ("aot_unpaired", 0.0, 0.05, "dpo.loss_type"),
+    ("sft", 0.0, 0.05, "dpo.loss_type"), ("kto", 0.0, 0.05, "dpo.loss_type"),
+    ("sigmoid,sft", 0.0, 0.05, "dpo.loss_type"), ("exo_pair", 0.0, 0.05, "dpo.label_smoothing"),
+    ("exo_pair", 1.0, 0.05, "dpo.label_smoothing"), ("exo_pair", -0.1, 0.05, "dpo.label_smoothing"),
+    ("nca_pair", 0.1, 0.05, "dpo.label_smoothing"), ("discopop", 0.1, 0.05, "dpo.label_smoothing"),
+    ("sigmoid_norm", 0.1, 0.05, "dpo.label_smoothing"), ("discopop", 0.0, 0.0, "dpo.discopop_tau"),
+    ("discopop", 0.0, -0.05, "dpo.discopop_tau")]
+
+
+@pytest.mark.parametrize("loss_type,eps,tau,field", REFUSALS)
+def test_dpo_option_refusals_are_one_line_naming_the_field(loss_type, eps, tau, field):
+  with pytest.raises(UserError) as e:
+    losses.check_dpo_options(loss_type, eps, tau)
+  message = str(e.value)
+  assert message.startswith(f"{field}: ") and "\n" not in message, message
+  if loss_type in ("kto", "sigmoid,sft"):  # unknown: the full list of the offered types
+    assert str(losses.DPO_LOSS_TYPES) in message
+
+
+def test_aot_is_refused_because_trl_sorts_across_the_batch():
+  """TRL's aot losses of one batch are not the mean of its halves': a pair's loss depends on its batch-mates,
+  so micro-batches, devices or packed rows would change it."""
+  token_logps, mask, ref, inputs = pair_batch(11, pairs=4)
+  for loss_type in ("aot", "aot_unpaired"):
+    whole, _ = trl_dpo(_LogprobStub(token_logps), inputs, ref[:4], ref[4:], beta=0.1, loss_types=[loss_type])
+    halves = []
+    for rows in ([0, 1, 4, 5], [2, 3, 6, 7]):
+      part = {k: v[rows] for k, v in inputs.items()}
+      halves.append(trl_dpo(_LogprobStub(token_logps[rows]), part, ref[rows[:2]], ref[rows[2:]], beta=0.1,
+                            loss_types=[loss_type])[0])
+    assert abs(whole - np.mean(halves)) > 1e-4, (loss_type, whole, halves)  # TRL in float64 here
+    with pytest.raises(UserError, match="dpo.loss_type.*sorts"):
+      losses.dpo_loss(jnp.zeros(4), jnp.zeros(4), ref[:4], ref[4:], beta=0.1, loss_type=loss_type)
+
+
+def test_stage_config_accepts_new_loss_types_and_checks_discopop_tau(demo_config):
+  from anita_jax.train import config as C
+  from anita_jax.train.dpo import Dpo
+  c = C.freeze(demo_config("dpo"))
+  for loss_type in losses.DPO_LOSS_TYPES:
+    Dpo().check(C.replace(c, **{"dpo.loss_type": loss_type,
+                                "dpo.label_smoothing": 1e-3 if loss_type == "exo_pair" else 0.0}))
+  with pytest.raises(UserError, match="^dpo.discopop_tau: "):
+    Dpo().check(C.replace(c, **{"dpo.loss_type": "discopop", "dpo.discopop_tau": 0.0}))
+  with pytest.raises(UserError, match="^dpo.loss_type: unknown"):
+    Dpo().check(C.replace(c, **{"dpo.loss_type": "sigmoid,sft"}))
 
 
 def test_policy_equal_to_reference_gives_log2_and_zero_rewards():

@@ -14,6 +14,7 @@ The functions are pure and jittable; string and float options (`loss_type`,
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,19 @@ import jax.numpy as jnp
 from anita_jax.errors import UserError
 
 Array = jax.Array
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+                  "apo_down", "discopop", "sigmoid_norm")
+# TRL 1.16 loss types not offered, and why (one line each: the UserError's text).
+DPO_REFUSED_LOSS_TYPES = {
+    "aot": "TRL 1.16 sorts the policy and reference log-ratios across the batch, so a pair's loss depends on "
+           "which pairs share its device's micro-batch, which the accumulated, sharded and packed steps here "
+           "do not reproduce",
+    "aot_unpaired": "TRL 1.16 sorts the chosen and rejected log-ratios across the batch, so a pair's loss depends "
+                    "on which pairs share its device's micro-batch, which the accumulated, sharded and packed steps "
+                    "here do not reproduce",
+    "sft": "the SFT term alone is not a DPO loss here; add it to a DPO loss type with dpo.sft_weight",
+}
+_SMOOTHED_LOSS_TYPES = ("robust", "exo_pair")  # the offered types that read label_smoothing
 
 
 def _to_target(x_bt: Array) -> Array:
@@ -190,47 +203,86 @@ def pair_completion_stats(logp_bt: Array, mean_logit_bt: Array, batch: dict[str,
           "present": sums[:, 6] > 0}
 
 
-def check_dpo_options(loss_type: str, label_smoothing: float) -> None:
-  """Raises UserError for a loss type or label smoothing TRL 1.16 would reject or ignore."""
+def check_dpo_options(loss_type: str, label_smoothing: float, discopop_tau: float = 0.05) -> None:
+  """Raises UserError for a loss type or option TRL 1.16 would reject, ignore, or turn into NaN."""
+  if loss_type in DPO_REFUSED_LOSS_TYPES:
+    raise UserError(f"dpo.loss_type: {loss_type!r} is not offered: {DPO_REFUSED_LOSS_TYPES[loss_type]}")
   if loss_type not in DPO_LOSS_TYPES:
-    raise UserError(f"loss_type: unknown DPO loss type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
+    raise UserError(f"dpo.loss_type: unknown DPO loss type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
   if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
-    raise UserError(f"label_smoothing: must lie in [0, 0.5) for the 'robust' loss, got {label_smoothing}")
-  # TRL 1.16 reads label_smoothing only in robust (and losses we do not offer): the
-  # sigmoid loss has no cDPO term there. Refuse rather than silently ignore it.
-  if loss_type in ("sigmoid", "hinge", "ipo") and label_smoothing != 0.0:
-    raise UserError(f"label_smoothing: {label_smoothing} has no effect with loss_type {loss_type!r} "
-                    "(TRL 1.16 ignores it there); set it to 0 or use loss_type 'robust'")
+    raise UserError(f"dpo.label_smoothing: must lie in [0, 0.5) for the 'robust' loss, got {label_smoothing}")
+  # TRL refuses 0 (its log(0) term); outside (0, 1) one of its logs is NaN.
+  if loss_type == "exo_pair" and not 0.0 < label_smoothing < 1.0:
+    raise UserError(f"dpo.label_smoothing: must lie in (0, 1) for the 'exo_pair' loss (the EXO paper recommends "
+                    f"1e-3), got {label_smoothing}")
+  # The other types never read label_smoothing in TRL 1.16 (the sigmoid loss has no cDPO
+  # term there). Refuse rather than silently ignore it.
+  if loss_type not in _SMOOTHED_LOSS_TYPES and label_smoothing != 0.0:
+    raise UserError(f"dpo.label_smoothing: {label_smoothing} has no effect with loss_type {loss_type!r} "
+                    f"(TRL 1.16 ignores it there); set it to 0 or use a loss_type of {_SMOOTHED_LOSS_TYPES}")
+  if loss_type == "discopop" and not discopop_tau > 0.0:
+    raise UserError(f"dpo.discopop_tau: must be positive (the DiscoPOP paper recommends 0.05), got {discopop_tau}")
 
 
 def dpo_loss(policy_chosen: Array, policy_rejected: Array, ref_chosen: Array, ref_rejected: Array, *,
-             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0, discopop_tau: float = 0.05,
              chosen_tokens: Array | None = None, rejected_tokens: Array | None = None) -> Array:
   """Per-pair DPO losses [B] fp32 from summed completion log-probs [B]; the step loss is their mean.
 
-  chosen_tokens, rejected_tokens: completion token counts [B], needed by "ipo"
-    (which averages the log-ratios per token).
+  Each type is TRL 1.16's `DPOTrainer._compute_loss` branch of that name (reverse-KL scores):
+  every one offered is a function of its own pair alone, so the mean over micro-batches,
+  devices or packed rows is the batch's.
+  chosen_tokens, rejected_tokens: completion token counts [B], needed by "ipo" and
+    "sigmoid_norm" (which average the log-ratios per token).
   """
-  check_dpo_options(loss_type, label_smoothing)
+  check_dpo_options(loss_type, label_smoothing, discopop_tau)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
-  chosen_ratio_b = f32(policy_chosen) - f32(ref_chosen)
-  rejected_ratio_b = f32(policy_rejected) - f32(ref_rejected)
-  logits_b = beta * (chosen_ratio_b - rejected_ratio_b)
-  if loss_type == "sigmoid":
-    losses_b = -jax.nn.log_sigmoid(logits_b)
-  elif loss_type == "robust":
-    eps = label_smoothing
-    losses_b = (-(1 - eps) * jax.nn.log_sigmoid(logits_b)
-                + eps * jax.nn.log_sigmoid(-logits_b)) / (1 - 2 * eps)
-  elif loss_type == "hinge":
-    losses_b = jax.nn.relu(1 - logits_b)
-  else:  # ipo, with TRL's per-token averaging (counts clamped to >= 1)
+  chosen_b = f32(policy_chosen) - f32(ref_chosen)
+  rejected_b = f32(policy_rejected) - f32(ref_rejected)
+  if loss_type in ("ipo", "sigmoid_norm"):  # TRL's per-token averaging (counts clamped to >= 1)
     if chosen_tokens is None or rejected_tokens is None:
-      raise ValueError("the 'ipo' loss needs chosen_tokens and rejected_tokens")
-    delta_b = (chosen_ratio_b / jnp.maximum(f32(chosen_tokens), 1.0)
-               - rejected_ratio_b / jnp.maximum(f32(rejected_tokens), 1.0))
-    losses_b = (delta_b - 1 / (2 * beta)) ** 2
-  return losses_b
+      raise ValueError(f"the {loss_type!r} loss needs chosen_tokens and rejected_tokens")
+    chosen_b = chosen_b / jnp.maximum(f32(chosen_tokens), 1.0)
+    rejected_b = rejected_b / jnp.maximum(f32(rejected_tokens), 1.0)
+  return _PAIR_LOSSES[loss_type](chosen_b, rejected_b, beta, label_smoothing, discopop_tau)
+
+
+def _robust(chosen_b, rejected_b, beta, eps, _):
+  logits_b = beta * (chosen_b - rejected_b)
+  return (-(1 - eps) * jax.nn.log_sigmoid(logits_b) + eps * jax.nn.log_sigmoid(-logits_b)) / (1 - 2 * eps)
+
+
+def _exo_pair(chosen_b, rejected_b, beta, eps, _):
+  """EXO-pref: KL of softmax(beta * log-ratios) over {chosen, rejected} from [1 - eps, eps]."""
+  logits_b = beta * (chosen_b - rejected_b)
+  return (jax.nn.sigmoid(logits_b) * (jax.nn.log_sigmoid(logits_b) - jnp.log1p(-eps))
+          + jax.nn.sigmoid(-logits_b) * (jax.nn.log_sigmoid(-logits_b) - math.log(eps)))
+
+
+def _discopop(chosen_b, rejected_b, beta, _, tau):
+  """A blend of the logistic and exponential losses, mixed by sigmoid(logits / tau)."""
+  logits_b = (chosen_b - rejected_b) * beta
+  mix_b = jax.nn.sigmoid(logits_b / tau)
+  return -jax.nn.log_sigmoid(logits_b) * (1 - mix_b) + jnp.exp(-logits_b) * mix_b
+
+
+_ls, _sg = jax.nn.log_sigmoid, jax.nn.sigmoid
+# (log-ratio of the chosen [B], of the rejected [B], beta, label_smoothing, discopop_tau) -> losses [B], in
+# TRL's order of operations; the log-ratios are per token for ipo and sigmoid_norm.
+_PAIR_LOSSES = {
+    "sigmoid": lambda c, r, beta, *_: -_ls(beta * (c - r)),
+    "sigmoid_norm": lambda c, r, beta, *_: -_ls(beta * (c - r)),
+    "robust": _robust,
+    "hinge": lambda c, r, beta, *_: jax.nn.relu(1 - beta * (c - r)),
+    "ipo": lambda c, r, beta, *_: (c - r - 1 / (2 * beta)) ** 2,
+    "exo_pair": _exo_pair,
+    "nca_pair": lambda c, r, beta, *_: -_ls(beta * c) - 0.5 * _ls(-beta * c) - 0.5 * _ls(-beta * r),
+    "bco_pair": lambda c, r, beta, *_: -_ls(beta * c) - _ls(-beta * r),
+    "sppo_hard": lambda c, r, beta, *_: (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2,
+    "apo_zero": lambda c, r, beta, *_: (1 - _sg(beta * c)) + _sg(beta * r),
+    "apo_down": lambda c, r, beta, *_: _sg(beta * c) + (1 - _sg(beta * (c - r))),
+    "discopop": _discopop,
+}
 
 
 def chosen_nll(chosen_logps: Array, chosen_tokens: Array) -> Array:

@@ -108,6 +108,7 @@ class DpoFields:
   beta: float = 0.1
   loss_type: str = "sigmoid"
   label_smoothing: float = 0.0
+  discopop_tau: float = 0.05  # read by loss_type discopop only
   sft_weight: float = 0.0
   reference: str = "base"  # base (adapters disabled) | precomputed
 

@@ -46,7 +46,7 @@ class Dpo(Objective):
   example_name = "pairs"
 
   def check(self, c):
-    losses.check_dpo_options(c.dpo.loss_type, c.dpo.label_smoothing)
+    losses.check_dpo_options(c.dpo.loss_type, c.dpo.label_smoothing, c.dpo.discopop_tau)
     if c.data.packing and c.model.attention == "splash":
       raise UserError("config field 'model.attention'=splash cannot mask packed DPO pairs (the rejected "
                       "completion sees the prompt but not the chosen one): set model.attention=dot, or "
@@ -84,9 +84,7 @@ class Dpo(Objective):
                               adapters_enabled=False, deterministic=True)
       ref = jax.lax.stop_gradient(losses.completion_stats(*ref_stats, batch["loss_mask"])[0])
     b = logps.shape[0] // 2
-    per_pair = losses.dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=spec.beta, loss_type=spec.loss_type,
-                               label_smoothing=spec.label_smoothing, chosen_tokens=ntok[:b],
-                               rejected_tokens=ntok[b:])
+    per_pair = _pair_losses(spec, logps[:b], logps[b:], ref[:b], ref[b:], ntok[:b], ntok[b:])
     loss = jnp.mean(per_pair)
     if spec.sft_weight:  # TRL's loss_type=["sigmoid", "sft"]
       loss = loss + spec.sft_weight * losses.chosen_nll(logps[:b], ntok[:b])
@@ -109,9 +107,7 @@ class Dpo(Objective):
     ref = losses.completion_stats(*ref_stats, batch["loss_mask"])[0]
     b = logps.shape[0] // 2
     real = ntok[:b] > 0
-    per_pair = losses.dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=spec.beta, loss_type=spec.loss_type,
-                               label_smoothing=spec.label_smoothing, chosen_tokens=ntok[:b],
-                               rejected_tokens=ntok[b:])
+    per_pair = _pair_losses(spec, logps[:b], logps[b:], ref[:b], ref[b:], ntok[:b], ntok[b:])
     if spec.sft_weight:  # as in the training loss
       per_pair = per_pair + spec.sft_weight * losses.chosen_nll(logps[:b], ntok[:b])
     return _eval_sums(spec, logps[:b], logps[b:], ref[:b], ref[b:], per_pair, real)
@@ -222,6 +218,13 @@ def _reference_rows(it, ref: np.ndarray) -> np.ndarray:
   return np.asarray([ref[pairs[r % b], 0 if r < b else 1] for r in rows], np.float32)
 
 
+def _pair_losses(spec: StepSpec, chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens):
+  """`losses.dpo_loss` [N] with the step's options: the padded and packed layouts share this one call."""
+  return losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=spec.beta, loss_type=spec.loss_type,
+                         label_smoothing=spec.label_smoothing, discopop_tau=spec.discopop_tau,
+                         chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
+
+
 # ----------------------------------------------------------------------------------------------
 # Packed pairs (data.packing)
 
@@ -250,9 +253,7 @@ def _packed_terms(model, trainable, frozen, batch, rng, spec, reference_in_batch
                       deterministic=True)["logps"]
   ref = jax.lax.stop_gradient(ref)
   logps, ntok = pol["logps"], pol["tokens"]
-  per_pair = losses.dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=spec.beta,
-                             loss_type=spec.loss_type, label_smoothing=spec.label_smoothing,
-                             chosen_tokens=ntok[:, 0], rejected_tokens=ntok[:, 1])
+  per_pair = _pair_losses(spec, logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], ntok[:, 0], ntok[:, 1])
   return pol, ref, jnp.where(pol["present"], per_pair, 0.0)
 
 

@@ -31,6 +31,7 @@ class StepSpec:
   beta: float = C.DpoFields.beta
   loss_type: str = C.DpoFields.loss_type
   label_smoothing: float = C.DpoFields.label_smoothing
+  discopop_tau: float = C.DpoFields.discopop_tau
   sft_weight: float = C.DpoFields.sft_weight
   has_dropout: bool = False
 

@@ -88,7 +88,7 @@ def step_spec(c: C.StageConfig, model_config, mesh) -> StepSpec:
   objective(c.stage).check(c)
   return StepSpec(stage=c.stage, grad_accum=c.train.grad_accum, head_chunk=_head_chunk(c, model_config, mesh),
                   beta=c.dpo.beta, loss_type=c.dpo.loss_type, label_smoothing=c.dpo.label_smoothing,
-                  sft_weight=c.dpo.sft_weight, has_dropout=c.lora.dropout > 0)
+                  discopop_tau=c.dpo.discopop_tau, sft_weight=c.dpo.sft_weight, has_dropout=c.lora.dropout > 0)
 
 
 def abstract_stage(c, model_config, mesh, tokenizer=None, base_path: str = "", *,
