@@ -173,9 +173,11 @@ def test_packed_logps_and_gradients_equal_padded(demo_config, tiny_hf_dir):
     assert rel(got["logit_sums"], (mean_logit * ntok).reshape(2, n).T) <= 1e-5
 
   obj = Dpo()
-  for loss_type, sft_weight, smoothing in (("sigmoid", 0.5, 0.0), ("ipo", 0.0, 0.0), ("robust", 0.0, 0.1),
-                                           ("hinge", 0.0, 0.0), ("sigmoid_norm", 0.0, 0.0), ("nca_pair", 0.0, 0.0)):
-    spec = dataclasses.replace(stage.step_spec, grad_accum=1, loss_type=loss_type, sft_weight=sft_weight,
+  for loss_type, sft_weight, smoothing, weights in (
+      ("sigmoid", 0.5, 0.0, ""), ("ipo", 0.0, 0.0, ""), ("robust", 0.0, 0.1, ""), ("hinge", 0.0, 0.0, ""),
+      ("sigmoid_norm", 0.0, 0.0, ""), ("nca_pair", 0.0, 0.0, ""), ("ipo,bco_pair,sft", 0.0, 0.0, "1,0.5,0.3")):
+    spec = dataclasses.replace(stage.step_spec, grad_accum=1, loss_type=tuple(loss_type.split(",")),
+                               loss_weights=tuple(w for w in weights.split(",") if w), sft_weight=sft_weight,
                                label_smoothing=smoothing)
     results = []
     for batch in (padded, packed):

@@ -235,6 +235,64 @@ def _check_against_trl(seed, loss_type, beta, eps, sft_weight, tau=0.05):
     np.testing.assert_allclose(float(ours_b[i]), want_i, rtol=RTOL, atol=RTOL)
 
 
+# TRL 1.16's loss_type lists: (loss_type, loss_weights, beta, label_smoothing, discopop_tau).
+COMBINED_CASES = [("sigmoid,sft", "", 0.1, 0.0, 0.05), ("sigmoid,bco_pair", "1,0.5", 0.1, 0.0, 0.05),
+                  ("ipo,exo_pair,sft", "", 0.5, 1e-3, 0.05), ("sigmoid,sft", "1, 0.3", 0.2, 0.0, 0.05),
+                  ("robust,hinge,sft", "0.3,2,0.7", 0.2, 0.1, 0.05),
+                  ("discopop,sigmoid_norm,apo_zero", "1,-0.5,0.25", 0.3, 0.0, 0.3),
+                  ("sft,nca_pair,sppo_hard,apo_down", "0.5,1,0.1,2", 0.1, 0.0, 0.05)]
+
+
+@pytest.mark.parametrize("loss_type,weights,beta,eps,tau", COMBINED_CASES)
+def test_combined_dpo_loss_types_match_trl(loss_type, weights, beta, eps, tau):
+  """A loss_type list with its loss_weights against TRL's own loss of the same lists: `dpo_loss` with the "sft"
+  member, and the step's split (`dpo._pair_losses` of the DPO members plus `_sft_weight` x `chosen_nll`)."""
+  from anita_jax.train import dpo
+  from anita_jax.train.objective import StepSpec
+  token_logps, mask, ref, inputs = pair_batch(200 + COMBINED_CASES.index((loss_type, weights, beta, eps, tau)))
+  pairs = len(mask) // 2
+  chosen, rejected, n_chosen, n_rejected = ours_from_token_logps(token_logps, mask)
+  names = loss_type.split(",")
+  trl_weights = [float(w) for w in weights.split(",")] if weights else None
+  want, _ = trl_dpo(_LogprobStub(token_logps), inputs, ref[:pairs], ref[pairs:], beta=beta, loss_types=names,
+                    loss_weights=trl_weights, label_smoothing=eps, discopop_tau=tau)
+  ours_b = jax.jit(lambda *a: losses.dpo_loss(
+      *a, beta=beta, loss_type=loss_type, loss_weights=weights, label_smoothing=eps, discopop_tau=tau,
+      chosen_tokens=n_chosen, rejected_tokens=n_rejected))(chosen, rejected, ref[:pairs], ref[pairs:])
+  np.testing.assert_allclose(float(jnp.mean(ours_b)), want, rtol=RTOL, atol=RTOL)
+  spec = StepSpec(stage="dpo", grad_accum=1, beta=beta, loss_type=tuple(names),
+                  loss_weights=tuple(w.strip() for w in weights.split(",") if w.strip()), label_smoothing=eps,
+                  discopop_tau=tau)
+  per_pair = dpo._pair_losses(spec, chosen, rejected, ref[:pairs], ref[pairs:], n_chosen, n_rejected)
+  step = jnp.mean(per_pair) + dpo._sft_weight(spec) * losses.chosen_nll(chosen, n_chosen)
+  np.testing.assert_allclose(float(step), want, rtol=RTOL, atol=RTOL)
+  hash(spec)  # static: the jitted step's cache key
+
+
+LIST_REFUSALS = [  # (loss_type, loss_weights, label_smoothing, sft_weight, the field the one error line names)
+    ("sigmoid,bco_pair", "1", 0.0, 0.0, "dpo.loss_weights"), ("sigmoid", "1,1", 0.0, 0.0, "dpo.loss_weights"),
+    ("sigmoid,bco_pair", "1,half", 0.0, 0.0, "dpo.loss_weights"),
+    ("sigmoid,bco_pair", "1,nan", 0.0, 0.0, "dpo.loss_weights"),
+    ("sigmoid,sigmoid", "", 0.0, 0.0, "dpo.loss_type"), ("sigmoid,sft,sft", "", 0.0, 0.0, "dpo.loss_type"),
+    ("sigmoid,aot", "", 0.0, 0.0, "dpo.loss_type"), ("", "", 0.0, 0.0, "dpo.loss_type"),
+    ("sft", "2", 0.0, 0.0, "dpo.loss_type"), ("sigmoid,sft", "", 0.0, 0.5, "dpo.sft_weight"),
+    ("sigmoid,bco_pair,sft", "", 0.1, 0.0, "dpo.label_smoothing"),
+    ("robust,sigmoid", "", 0.5, 0.0, "dpo.label_smoothing"), ("sigmoid,exo_pair", "", 0.0, 0.0, "dpo.label_smoothing")]
+
+
+@pytest.mark.parametrize("loss_type,weights,eps,sft_weight,field", LIST_REFUSALS)
+def test_loss_type_list_refusals_are_one_line_naming_the_field(loss_type, weights, eps, sft_weight, field):
+  with pytest.raises(UserError) as e:
+    losses.check_dpo_options(loss_type, eps, 0.05, weights, sft_weight)
+  message = str(e.value)
+  assert message.startswith(f"{field}: ") and "\n" not in message, message
+
+
+def test_label_smoothing_of_a_list_is_read_when_one_member_reads_it():
+  losses.check_dpo_options("sigmoid,robust,sft", 0.2)
+  losses.check_dpo_options("exo_pair,bco_pair", 1e-3, 0.05, "1, 2")
+
+
 def test_sigmoid_label_smoothing_is_refused_because_trl_ignores_it():
   token_logps, mask, ref, inputs = pair_batch(7)
   pairs = len(mask) // 2
@@ -255,7 +313,7 @@ def test_sigmoid_label_smoothing_is_refused_because_trl_ignores_it():
 REFUSALS = [  # (loss_type, label_smoothing, discopop_tau, the field the one error line names)
     ("aot", 0.0, 0.05, "dpo.loss_type"), ("aot_unpaired", 0.0, 0.05, "dpo.loss_type"),
     ("sft", 0.0, 0.05, "dpo.loss_type"), ("kto", 0.0, 0.05, "dpo.loss_type"),
-    ("sigmoid,sft", 0.0, 0.05, "dpo.loss_type"), ("exo_pair", 0.0, 0.05, "dpo.label_smoothing"),
+    ("sigmoid,kto", 0.0, 0.05, "dpo.loss_type"), ("exo_pair", 0.0, 0.05, "dpo.label_smoothing"),
     ("exo_pair", 1.0, 0.05, "dpo.label_smoothing"), ("exo_pair", -0.1, 0.05, "dpo.label_smoothing"),
     ("nca_pair", 0.1, 0.05, "dpo.label_smoothing"), ("discopop", 0.1, 0.05, "dpo.label_smoothing"),
     ("sigmoid_norm", 0.1, 0.05, "dpo.label_smoothing"), ("discopop", 0.0, 0.0, "dpo.discopop_tau"),
@@ -268,7 +326,7 @@ def test_dpo_option_refusals_are_one_line_naming_the_field(loss_type, eps, tau, 
     losses.check_dpo_options(loss_type, eps, tau)
   message = str(e.value)
   assert message.startswith(f"{field}: ") and "\n" not in message, message
-  if loss_type in ("kto", "sigmoid,sft"):  # unknown: the full list of the offered types
+  if loss_type in ("kto", "sigmoid,kto"):  # unknown: the full list of the offered types
     assert str(losses.DPO_LOSS_TYPES) in message
 
 
@@ -298,7 +356,12 @@ def test_stage_config_accepts_new_loss_types_and_checks_discopop_tau(demo_config
   with pytest.raises(UserError, match="^dpo.discopop_tau: "):
     Dpo().check(C.replace(c, **{"dpo.loss_type": "discopop", "dpo.discopop_tau": 0.0}))
   with pytest.raises(UserError, match="^dpo.loss_type: unknown"):
-    Dpo().check(C.replace(c, **{"dpo.loss_type": "sigmoid,sft"}))
+    Dpo().check(C.replace(c, **{"dpo.loss_type": "sigmoid,kto"}))
+  Dpo().check(C.replace(c, **{"dpo.loss_type": "sigmoid,bco_pair,sft", "dpo.loss_weights": "1, 0.5, 0.2"}))
+  with pytest.raises(UserError, match="^dpo.sft_weight: "):
+    Dpo().check(C.replace(c, **{"dpo.loss_type": "sigmoid,sft", "dpo.sft_weight": 0.5}))
+  with pytest.raises(UserError, match="^dpo.loss_weights: "):
+    Dpo().check(C.replace(c, **{"dpo.loss_type": "sigmoid,sft", "dpo.loss_weights": "1"}))
 
 
 def test_policy_equal_to_reference_gives_log2_and_zero_rewards():

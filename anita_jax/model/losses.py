@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
+from anita_jax import files
 from anita_jax.errors import UserError
 
 Array = jax.Array
@@ -32,8 +34,8 @@ DPO_REFUSED_LOSS_TYPES = {
     "aot_unpaired": "TRL 1.16 sorts the chosen and rejected log-ratios across the batch, so a pair's loss depends "
                     "on which pairs share its device's micro-batch, which the accumulated, sharded and packed steps "
                     "here do not reproduce",
-    "sft": "the SFT term alone is not a DPO loss here; add it to a DPO loss type with dpo.sft_weight",
 }
+SFT_TERM = "sft"  # a member of a loss_type list: TRL's SFT term (`chosen_nll`), offered beside a DPO loss type
 _SMOOTHED_LOSS_TYPES = ("robust", "exo_pair")  # the offered types that read label_smoothing
 
 
@@ -203,48 +205,101 @@ def pair_completion_stats(logp_bt: Array, mean_logit_bt: Array, batch: dict[str,
           "present": sums[:, 6] > 0}
 
 
-def check_dpo_options(loss_type: str, label_smoothing: float, discopop_tau: float = 0.05) -> None:
-  """Raises UserError for a loss type or option TRL 1.16 would reject, ignore, or turn into NaN."""
-  if loss_type in DPO_REFUSED_LOSS_TYPES:
-    raise UserError(f"dpo.loss_type: {loss_type!r} is not offered: {DPO_REFUSED_LOSS_TYPES[loss_type]}")
-  if loss_type not in DPO_LOSS_TYPES:
-    raise UserError(f"dpo.loss_type: unknown DPO loss type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
-  if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
+def dpo_loss_terms(loss_type: str | Sequence[str],
+                   loss_weights: str | Sequence[str | float] | None = None) -> tuple[tuple[str, float], ...]:
+  """((type, weight), ...) of a loss_type comma list and its loss_weights, as TRL 1.16's `loss_type` list and
+  `loss_weights` (None or empty: every weight 1.0); UserError for a list TRL would reject or that cannot run here.
+
+  Either value may be a comma-separated string (the config fields) or a sequence.
+  """
+  names = tuple(files.split_list(loss_type))
+  if not names:
+    raise UserError(f"dpo.loss_type: empty; expected one or a comma list of {DPO_LOSS_TYPES + (SFT_TERM,)}")
+  for t in names:
+    if t in DPO_REFUSED_LOSS_TYPES:
+      raise UserError(f"dpo.loss_type: {t!r} is not offered: {DPO_REFUSED_LOSS_TYPES[t]}")
+    if t not in DPO_LOSS_TYPES + (SFT_TERM,):
+      raise UserError(f"dpo.loss_type: unknown DPO loss type {t!r}; expected one or a comma list of "
+                      f"{DPO_LOSS_TYPES} (and {SFT_TERM!r} beside them)")
+  if len(set(names)) != len(names):
+    raise UserError(f"dpo.loss_type: {','.join(names)!r} lists a loss type twice; give each once, weighted "
+                    f"with dpo.loss_weights")
+  if names == (SFT_TERM,):
+    raise UserError(f"dpo.loss_type: {SFT_TERM!r} alone is not a DPO loss; list it beside a DPO loss type "
+                    f"(e.g. 'sigmoid,sft') or set dpo.sft_weight")
+  weights = files.split_list("" if loss_weights is None else loss_weights)
+  if not weights:
+    return tuple((t, 1.0) for t in names)
+  if len(weights) != len(names):
+    raise UserError(f"dpo.loss_weights: {len(weights)} weights for {len(names)} loss types "
+                    f"({','.join(names)}); give one per loss type, or none for all 1.0")
+  try:
+    values = tuple(float(w) for w in weights)
+  except ValueError:
+    raise UserError(f"dpo.loss_weights: {','.join(weights)!r} holds a value that is not a float") from None
+  if not all(math.isfinite(w) for w in values):
+    raise UserError(f"dpo.loss_weights: {','.join(weights)!r} holds a value that is not a finite float")
+  return tuple(zip(names, values))
+
+
+def check_dpo_options(loss_type: str | Sequence[str], label_smoothing: float, discopop_tau: float = 0.05,
+                      loss_weights: str | Sequence[str | float] | None = None, sft_weight: float = 0.0) -> None:
+  """Raises UserError for a loss type list or option TRL 1.16 would reject, ignore, or turn into NaN.
+
+  The single-type rules hold for each member of a list; label_smoothing is refused only when no member reads it.
+  """
+  names = [t for t, _ in dpo_loss_terms(loss_type, loss_weights)]
+  if SFT_TERM in names and sft_weight:
+    raise UserError(f"dpo.sft_weight: {sft_weight} and an {SFT_TERM!r} entry in dpo.loss_type both set the SFT "
+                    f"term; keep one (dpo.sft_weight=0, or drop {SFT_TERM!r} from the list)")
+  if "robust" in names and not 0.0 <= label_smoothing < 0.5:
     raise UserError(f"dpo.label_smoothing: must lie in [0, 0.5) for the 'robust' loss, got {label_smoothing}")
   # TRL refuses 0 (its log(0) term); outside (0, 1) one of its logs is NaN.
-  if loss_type == "exo_pair" and not 0.0 < label_smoothing < 1.0:
+  if "exo_pair" in names and not 0.0 < label_smoothing < 1.0:
     raise UserError(f"dpo.label_smoothing: must lie in (0, 1) for the 'exo_pair' loss (the EXO paper recommends "
                     f"1e-3), got {label_smoothing}")
   # The other types never read label_smoothing in TRL 1.16 (the sigmoid loss has no cDPO
   # term there). Refuse rather than silently ignore it.
-  if loss_type not in _SMOOTHED_LOSS_TYPES and label_smoothing != 0.0:
-    raise UserError(f"dpo.label_smoothing: {label_smoothing} has no effect with loss_type {loss_type!r} "
+  if not set(names) & set(_SMOOTHED_LOSS_TYPES) and label_smoothing != 0.0:
+    raise UserError(f"dpo.label_smoothing: {label_smoothing} has no effect with loss_type {','.join(names)!r} "
                     f"(TRL 1.16 ignores it there); set it to 0 or use a loss_type of {_SMOOTHED_LOSS_TYPES}")
-  if loss_type == "discopop" and not discopop_tau > 0.0:
+  if "discopop" in names and not discopop_tau > 0.0:
     raise UserError(f"dpo.discopop_tau: must be positive (the DiscoPOP paper recommends 0.05), got {discopop_tau}")
 
 
 def dpo_loss(policy_chosen: Array, policy_rejected: Array, ref_chosen: Array, ref_rejected: Array, *,
-             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0, discopop_tau: float = 0.05,
-             chosen_tokens: Array | None = None, rejected_tokens: Array | None = None) -> Array:
+             beta: float, loss_type: str | Sequence[str] = "sigmoid",
+             loss_weights: str | Sequence[str | float] | None = None, label_smoothing: float = 0.0,
+             discopop_tau: float = 0.05, chosen_tokens: Array | None = None,
+             rejected_tokens: Array | None = None) -> Array:
   """Per-pair DPO losses [B] fp32 from summed completion log-probs [B]; the step loss is their mean.
 
   Each type is TRL 1.16's `DPOTrainer._compute_loss` branch of that name (reverse-KL scores):
   every one offered is a function of its own pair alone, so the mean over micro-batches,
-  devices or packed rows is the batch's.
-  chosen_tokens, rejected_tokens: completion token counts [B], needed by "ipo" and
-    "sigmoid_norm" (which average the log-ratios per token).
+  devices or packed rows is the batch's. A comma list (`dpo_loss_terms`) gives the weighted sum
+  of its members' losses, as TRL's `loss_type` list with `loss_weights`; its "sft" member is
+  `chosen_nll` of these B pairs, the same for each (TRL's batch term; a step that splits its
+  pairs adds `chosen_nll` over the whole step's chosen tokens instead).
+  chosen_tokens, rejected_tokens: completion token counts [B], needed by "ipo", "sigmoid_norm"
+    (which average the log-ratios per token) and "sft".
   """
-  check_dpo_options(loss_type, label_smoothing, discopop_tau)
+  check_dpo_options(loss_type, label_smoothing, discopop_tau, loss_weights)
+  terms = dpo_loss_terms(loss_type, loss_weights)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
-  chosen_b = f32(policy_chosen) - f32(ref_chosen)
-  rejected_b = f32(policy_rejected) - f32(ref_rejected)
-  if loss_type in ("ipo", "sigmoid_norm"):  # TRL's per-token averaging (counts clamped to >= 1)
-    if chosen_tokens is None or rejected_tokens is None:
-      raise ValueError(f"the {loss_type!r} loss needs chosen_tokens and rejected_tokens")
-    chosen_b = chosen_b / jnp.maximum(f32(chosen_tokens), 1.0)
-    rejected_b = rejected_b / jnp.maximum(f32(rejected_tokens), 1.0)
-  return _PAIR_LOSSES[loss_type](chosen_b, rejected_b, beta, label_smoothing, discopop_tau)
+  total_b = jnp.zeros(jnp.shape(policy_chosen), jnp.float32)
+  for t, weight in terms:
+    if t in ("ipo", "sigmoid_norm", SFT_TERM) and (chosen_tokens is None or rejected_tokens is None):
+      raise ValueError(f"the {t!r} loss needs chosen_tokens and rejected_tokens")
+    if t == SFT_TERM:
+      total_b = total_b + weight * chosen_nll(policy_chosen, chosen_tokens)
+      continue
+    chosen_b = f32(policy_chosen) - f32(ref_chosen)
+    rejected_b = f32(policy_rejected) - f32(ref_rejected)
+    if t in ("ipo", "sigmoid_norm"):  # TRL's per-token averaging (counts clamped to >= 1)
+      chosen_b = chosen_b / jnp.maximum(f32(chosen_tokens), 1.0)
+      rejected_b = rejected_b / jnp.maximum(f32(rejected_tokens), 1.0)
+    total_b = total_b + weight * _PAIR_LOSSES[t](chosen_b, rejected_b, beta, label_smoothing, discopop_tau)
+  return total_b
 
 
 def _robust(chosen_b, rejected_b, beta, eps, _):

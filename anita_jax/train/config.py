@@ -106,10 +106,11 @@ class TrainFields:
 @_frozen
 class DpoFields:
   beta: float = 0.1
-  loss_type: str = "sigmoid"
+  loss_type: str = "sigmoid"  # one type or a comma list (TRL's weighted sum), "sft" in it being the SFT term
+  loss_weights: str = ""  # comma list of floats, one per loss_type entry; empty: all 1.0
   label_smoothing: float = 0.0
   discopop_tau: float = 0.05  # read by loss_type discopop only
-  sft_weight: float = 0.0
+  sft_weight: float = 0.0  # the SFT term's weight, as an "sft" entry in loss_type (set one of the two)
   reference: str = "base"  # base (adapters disabled) | precomputed
 
 

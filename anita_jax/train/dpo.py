@@ -46,7 +46,8 @@ class Dpo(Objective):
   example_name = "pairs"
 
   def check(self, c):
-    losses.check_dpo_options(c.dpo.loss_type, c.dpo.label_smoothing, c.dpo.discopop_tau)
+    losses.check_dpo_options(c.dpo.loss_type, c.dpo.label_smoothing, c.dpo.discopop_tau, c.dpo.loss_weights,
+                             c.dpo.sft_weight)
     if c.data.packing and c.model.attention == "splash":
       raise UserError("config field 'model.attention'=splash cannot mask packed DPO pairs (the rejected "
                       "completion sees the prompt but not the chosen one): set model.attention=dot, or "
@@ -86,8 +87,8 @@ class Dpo(Objective):
     b = logps.shape[0] // 2
     per_pair = _pair_losses(spec, logps[:b], logps[b:], ref[:b], ref[b:], ntok[:b], ntok[b:])
     loss = jnp.mean(per_pair)
-    if spec.sft_weight:  # TRL's loss_type=["sigmoid", "sft"]
-      loss = loss + spec.sft_weight * losses.chosen_nll(logps[:b], ntok[:b])
+    if sft_weight := _sft_weight(spec):  # TRL's loss_type=[..., "sft"]
+      loss = loss + sft_weight * losses.chosen_nll(logps[:b], ntok[:b])
     loss = loss / spec.grad_accum
     metrics = losses.dpo_metrics(logps[:b], logps[b:], ref[:b], ref[b:], beta=spec.beta, chosen_tokens=ntok[:b],
                                  rejected_tokens=ntok[b:], chosen_mean_logit=mean_logit[:b],
@@ -108,8 +109,8 @@ class Dpo(Objective):
     b = logps.shape[0] // 2
     real = ntok[:b] > 0
     per_pair = _pair_losses(spec, logps[:b], logps[b:], ref[:b], ref[b:], ntok[:b], ntok[b:])
-    if spec.sft_weight:  # as in the training loss
-      per_pair = per_pair + spec.sft_weight * losses.chosen_nll(logps[:b], ntok[:b])
+    if sft_weight := _sft_weight(spec):  # as in the training loss
+      per_pair = per_pair + sft_weight * losses.chosen_nll(logps[:b], ntok[:b])
     return _eval_sums(spec, logps[:b], logps[b:], ref[:b], ref[b:], per_pair, real)
 
   def eval_metrics(self, totals):
@@ -219,10 +220,19 @@ def _reference_rows(it, ref: np.ndarray) -> np.ndarray:
 
 
 def _pair_losses(spec: StepSpec, chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens):
-  """`losses.dpo_loss` [N] with the step's options: the padded and packed layouts share this one call."""
-  return losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=spec.beta, loss_type=spec.loss_type,
+  """`losses.dpo_loss` [N] of the step's DPO loss types, weighted: the padded and packed layouts share this one
+  call. The SFT term (`_sft_weight`) is the callers': a mean over the step's chosen tokens, not per pair."""
+  terms = [(t, w) for t, w in losses.dpo_loss_terms(spec.loss_type, spec.loss_weights) if t != losses.SFT_TERM]
+  return losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=spec.beta,
+                         loss_type=tuple(t for t, _ in terms), loss_weights=tuple(w for _, w in terms),
                          label_smoothing=spec.label_smoothing, discopop_tau=spec.discopop_tau,
                          chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
+
+
+def _sft_weight(spec: StepSpec) -> float:
+  """The SFT term's weight: dpo.sft_weight, or the "sft" entry's in dpo.loss_type (`Dpo.check` refuses both)."""
+  terms = losses.dpo_loss_terms(spec.loss_type, spec.loss_weights)
+  return spec.sft_weight + sum(w for t, w in terms if t == losses.SFT_TERM)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,9 +273,9 @@ def packed_loss(model, trainable, frozen, batch, rng, spec: StepSpec, normalizer
   pol, ref, per_pair = _packed_terms(model, trainable, frozen, batch, rng, spec, "ref_logps" in batch)
   logps = pol["logps"]
   loss = jnp.sum(per_pair) / jnp.maximum(counts["pairs"], 1.0)
-  if spec.sft_weight:  # over the step's chosen completions
+  if sft_weight := _sft_weight(spec):  # over the step's chosen completions
     chosen = jnp.where(pol["present"], logps[:, 0], 0.0)
-    loss = loss + spec.sft_weight * losses.chosen_nll(chosen, counts["chosen_tokens"])
+    loss = loss + sft_weight * losses.chosen_nll(chosen, counts["chosen_tokens"])
   sums = losses.dpo_metric_sums(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=spec.beta,
                                 present=pol["present"])
   metrics = {k: v / jnp.maximum(counts["pairs"], 1.0) for k, v in sums.items()}
@@ -279,9 +289,9 @@ def packed_eval_sums(model, spec, params, frozen, batch) -> dict:
   """`Dpo.eval_sums` of a packed batch: sums over its pairs (padding rows have none)."""
   pol, ref, per_pair = _packed_terms(model, params, frozen, batch, None, spec, False)
   logps, present = pol["logps"], pol["present"]
-  if spec.sft_weight:  # over the batch's chosen completions, as the unpacked eval
-    per_pair = per_pair + spec.sft_weight * losses.chosen_nll(jnp.where(present, logps[:, 0], 0.0),
-                                                              pol["tokens"][:, 0])
+  if sft_weight := _sft_weight(spec):  # over the batch's chosen completions, as the unpacked eval
+    per_pair = per_pair + sft_weight * losses.chosen_nll(jnp.where(present, logps[:, 0], 0.0),
+                                                         pol["tokens"][:, 0])
   return _eval_sums(spec, logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], per_pair, present)
 
 

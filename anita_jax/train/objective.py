@@ -29,7 +29,8 @@ class StepSpec:
   grad_accum: int
   head_chunk: int = 16  # positions per chunk of the fused head and log-softmax (`losses.head_token_stats`)
   beta: float = C.DpoFields.beta
-  loss_type: str = C.DpoFields.loss_type
+  loss_type: tuple[str, ...] = (C.DpoFields.loss_type,)  # dpo.loss_type's items; "sft" among them is the SFT term
+  loss_weights: tuple[str, ...] = ()  # dpo.loss_weights' items, unparsed (`losses.dpo_loss_terms`); (): all 1.0
   label_smoothing: float = C.DpoFields.label_smoothing
   discopop_tau: float = C.DpoFields.discopop_tau
   sft_weight: float = C.DpoFields.sft_weight

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from anita_jax import files
 from anita_jax.convert import loading
 from anita_jax.errors import UserError
 from anita_jax.model import lora as LA
@@ -87,7 +88,8 @@ def _head_chunk(c: C.StageConfig, model_config, mesh) -> int:
 def step_spec(c: C.StageConfig, model_config, mesh) -> StepSpec:
   objective(c.stage).check(c)
   return StepSpec(stage=c.stage, grad_accum=c.train.grad_accum, head_chunk=_head_chunk(c, model_config, mesh),
-                  beta=c.dpo.beta, loss_type=c.dpo.loss_type, label_smoothing=c.dpo.label_smoothing,
+                  beta=c.dpo.beta, loss_type=tuple(files.split_list(c.dpo.loss_type)),
+                  loss_weights=tuple(files.split_list(c.dpo.loss_weights)), label_smoothing=c.dpo.label_smoothing,
                   discopop_tau=c.dpo.discopop_tau, sft_weight=c.dpo.sft_weight, has_dropout=c.lora.dropout > 0)
 
 
