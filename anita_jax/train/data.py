@@ -116,15 +116,22 @@ def encoded(c: C.StageConfig, rows, tokenizer, *, workdir: str | None = None, so
   return out if out is not None else _encode_and_save(c, obj, rows, tokenizer, source, directory)
 
 
+def load_source(c: C.StageConfig, source: str = "train") -> list:
+  """The rows of data.train (source="train") or data.eval (source="eval"), as `build_data` encodes them."""
+  split = c.data.split if source == "train" else c.data.eval_split
+  return D.load_rows(files.split_list(getattr(c.data, source)), split=split, config_name=c.data.config_name,
+                     fmt=c.data.format, max_rows=c.data.max_rows)
+
+
 def build_data(c: C.StageConfig, tokenizer, *, source: str = "train", num_processes: int = 1,
-               process_index: int = 0, batch_size: int | None = None, workdir: str | None = None):
+               process_index: int = 0, batch_size: int | None = None, workdir: str | None = None,
+               rows: list | None = None):
   """(iterator, stats) of data.train (source="train") or data.eval (source="eval"), as the objective encodes it.
 
   workdir: keep the encoded examples in WORKDIR/prepared, or read them from there (see the module doc).
+  rows: the source's rows when the caller has loaded them already (`load_source`).
   """
-  split = c.data.split if source == "train" else c.data.eval_split
-  rows = D.load_rows(files.split_list(getattr(c.data, source)), split=split, config_name=c.data.config_name,
-                     fmt=c.data.format, max_rows=c.data.max_rows)
+  rows = load_source(c, source) if rows is None else rows
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   examples, stats = encoded(c, rows, tokenizer, workdir=workdir, source=source)
   it = OBJ.objective(c.stage).iterator(examples, c, batch_size=batch_size or c.train.batch_size,

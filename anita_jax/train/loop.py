@@ -33,7 +33,7 @@ from anita_jax.train import objectives as OBJ
 from anita_jax.train import step as STEP
 from anita_jax.train import workdir as W
 from anita_jax.train.checkpoint import Checkpoints
-from anita_jax.train.data import build_data
+from anita_jax.train.data import build_data, load_source
 from anita_jax.train.metrics import MetricsWriter
 from anita_jax.train.optim import make_optimizer
 
@@ -174,7 +174,9 @@ def train_and_evaluate(c, workdir: str, stop_after: int | None = None) -> dict:
 
 def _set_up(c: C.StageConfig, workdir: str, clock: _Clock) -> _Run:
   """Checks the resume, builds the stage and its data, restores the latest checkpoint and compiles the step."""
-  fingerprints = R.data_fingerprints(c)  # before the model: a resumed run that may not go on stops in seconds
+  # Loaded once: fingerprinted before the model, so a resumed run that may not go on stops in seconds.
+  sources = {source: load_source(c, source) for source in ("train", "eval") if getattr(c.data, source)}
+  fingerprints = R.fingerprints_of(sources)
   R.check(c, workdir, fingerprints)
   clock.lap("data")
   processes, index = jax.process_count(), jax.process_index()
@@ -182,13 +184,13 @@ def _set_up(c: C.StageConfig, workdir: str, clock: _Clock) -> _Run:
   clock.lap("import")
   C.check_batch_split(c, stage.mesh.shape["data"] * stage.mesh.shape["fsdp"])
   train_iter, stats = build_data(c, stage.tokenizer, num_processes=processes, process_index=index,
-                                 workdir=workdir)
+                                 workdir=workdir, rows=sources["train"])
   print(f"train data: {stats}", file=sys.stderr, flush=True)
   eval_iter = None
   if c.data.eval:
     eval_iter, eval_stats = build_data(c, stage.tokenizer, source="eval", num_processes=processes,
                                        process_index=index, batch_size=min(c.train.batch_size, 8 * processes),
-                                       workdir=workdir)
+                                       workdir=workdir, rows=sources["eval"])
     print(f"eval data: {eval_stats}", file=sys.stderr, flush=True)
   clock.lap("data")
   per_epoch = train_iter.steps_for_epochs(c.train.epochs) // c.train.grad_accum

@@ -18,6 +18,7 @@ from anita_jax import files
 from anita_jax.data import rows as D
 from anita_jax.errors import UserError
 from anita_jax.train import config as C
+from anita_jax.train import data as TD
 
 # Fields (or whole groups) a resumed run may change.
 RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_on_start", "train.on_nonfinite",
@@ -41,16 +42,14 @@ def _resumable(field: str) -> bool:
 
 
 def data_fingerprints(c: C.StageConfig) -> dict[str, str]:
-  """{'data.train': sha256, 'data.eval': sha256 (when set)} of the rows the stage trains and evaluates on, loaded
-  as `train.data.build_data` loads them (a second, cheap read of the sources: it stops a changed run before the
-  model loads)."""
-  out = {}
-  for field, split in (("data.train", c.data.split), ("data.eval", c.data.eval_split)):
-    sources = getattr(c.data, field.split(".")[1])
-    if sources:
-      out[field] = D.fingerprint(D.load_rows(files.split_list(sources), split=split, config_name=c.data.config_name,
-                                             fmt=c.data.format, max_rows=c.data.max_rows))
-  return out
+  """{'data.train': sha256, 'data.eval': sha256 (when set)} of the rows the stage trains and evaluates on."""
+  return fingerprints_of({source: TD.load_source(c, source) for source in ("train", "eval")
+                          if getattr(c.data, source)})
+
+
+def fingerprints_of(sources: dict[str, list]) -> dict[str, str]:
+  """`data_fingerprints` of rows already loaded ({'train': rows, 'eval': rows}, as `train.data.load_source`)."""
+  return {f"data.{source}": D.fingerprint(rows) for source, rows in sources.items()}
 
 
 def _read_json(path: str):
