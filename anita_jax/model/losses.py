@@ -277,22 +277,20 @@ def dpo_loss(policy_chosen: Array, policy_rejected: Array, ref_chosen: Array, re
   Each type is TRL 1.16's `DPOTrainer._compute_loss` branch of that name (reverse-KL scores):
   every one offered is a function of its own pair alone, so the mean over micro-batches,
   devices or packed rows is the batch's. A comma list (`dpo_loss_terms`) gives the weighted sum
-  of its members' losses, as TRL's `loss_type` list with `loss_weights`; its "sft" member is
-  `chosen_nll` of these B pairs, the same for each (TRL's batch term; a step that splits its
-  pairs adds `chosen_nll` over the whole step's chosen tokens instead).
-  chosen_tokens, rejected_tokens: completion token counts [B], needed by "ipo", "sigmoid_norm"
-    (which average the log-ratios per token) and "sft".
+  of its members' losses, as TRL's `loss_type` list with `loss_weights`. An "sft" member is not
+  per pair: the objective adds it as `chosen_nll` over the step's chosen tokens (`train.dpo`).
+  chosen_tokens, rejected_tokens: completion token counts [B], needed by "ipo" and "sigmoid_norm"
+    (which average the log-ratios per token).
   """
   check_dpo_options(loss_type, label_smoothing, discopop_tau, loss_weights)
   terms = dpo_loss_terms(loss_type, loss_weights)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   total_b = jnp.zeros(jnp.shape(policy_chosen), jnp.float32)
   for t, weight in terms:
-    if t in ("ipo", "sigmoid_norm", SFT_TERM) and (chosen_tokens is None or rejected_tokens is None):
-      raise ValueError(f"the {t!r} loss needs chosen_tokens and rejected_tokens")
     if t == SFT_TERM:
-      total_b = total_b + weight * chosen_nll(policy_chosen, chosen_tokens)
-      continue
+      raise ValueError(f"{SFT_TERM!r} is not a per-pair loss: add weight x chosen_nll over the step's chosen tokens")
+    if t in ("ipo", "sigmoid_norm") and (chosen_tokens is None or rejected_tokens is None):
+      raise ValueError(f"the {t!r} loss needs chosen_tokens and rejected_tokens")
     chosen_b = f32(policy_chosen) - f32(ref_chosen)
     rejected_b = f32(policy_rejected) - f32(ref_rejected)
     if t in ("ipo", "sigmoid_norm"):  # TRL's per-token averaging (counts clamped to >= 1)
