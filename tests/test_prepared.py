@@ -117,9 +117,11 @@ def test_key_follows_content_tokenizer_template_and_fields(demo_config, smol, tm
   c = config(demo_config, "sft", SFT)
   key = prepared.key(rows, smol, TD.encoding_fields(c))
   assert prepared.key(rows, smol, TD.encoding_fields(c)) == key
-  # The same rows under another path, and the fields that only choose the rows: the same key.
+  # The same rows under another path, the fields that only choose the rows, and packing (a batching choice):
+  # the same key.
   copied = write_rows(tmp_path / "copy.jsonl", [json.loads(line) for line in open(SFT, encoding="utf-8")])
   assert prepared.key(D.load_rows([copied]), smol, TD.encoding_fields(C.replace(c, **{"data.train": copied}))) == key
+  assert prepared.key(rows, smol, TD.encoding_fields(C.replace(c, **{"data.packing": not c.data.packing}))) == key
   edited = [json.loads(line) for line in open(SFT, encoding="utf-8")]
   edited[417]["messages"][-1]["content"] += "!"
   assert prepared.key(D.load_rows([write_rows(tmp_path / "edited.jsonl", edited)]), smol,
@@ -131,7 +133,7 @@ def test_key_follows_content_tokenizer_template_and_fields(demo_config, smol, tm
   for other in (template, vocabulary):
     assert prepared.key(rows, other, TD.encoding_fields(c)) != key
   d = c.data
-  for field, value in (("data.max_length", d.max_length + 1), ("data.packing", not d.packing),
+  for field, value in (("data.max_length", d.max_length + 1),
                        ("data.mask", "assistant" if d.mask == "all" else "all"),
                        ("data.truncation", "drop" if d.truncation == "truncate" else "truncate"),
                        ("data.format", "messages" if d.format != "messages" else "auto"), ("stage", "lm")):

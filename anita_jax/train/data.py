@@ -40,9 +40,10 @@ def encode_workers(rows: int) -> int:
 
 def encoding_fields(c: C.StageConfig) -> dict:
   """What of the config shapes the encoded examples of given rows: the stage and the data fields, less those
-  that only choose the rows (their content is keyed on its own)."""
-  chosen_rows = ("train", "eval", "config_name", "split", "eval_split", "max_rows")
-  return {"stage": c.stage, **{k: v for k, v in C.to_dict(c)["data"].items() if k not in chosen_rows}}
+  that only choose the rows (their content is keyed on its own) and `packing` (batching lays the same examples
+  out either way)."""
+  not_encoding = ("train", "eval", "config_name", "split", "eval_split", "max_rows", "packing")
+  return {"stage": c.stage, **{k: v for k, v in C.to_dict(c)["data"].items() if k not in not_encoding}}
 
 
 def _log(message: str) -> None:
