@@ -227,6 +227,15 @@ def trl_prepare(smol, llama, tmp_path_factory):
   return prepare
 
 
+def test_shifted_boundary_warns_once_over_worker_processes(smol, caplog):
+  rows = [row(r, "preference", number=i + 1) for i, r in enumerate(STRINGS * 4)]  # row 2 of each 3 merges
+  with caplog.at_level("WARNING"):
+    _, stats = preference.encode_preferences(rows, smol, max_length=64, workers=2)
+  warnings = [r.getMessage() for r in caplog.records if "not a prefix" in r.getMessage()]
+  assert (stats.boundary_shifted, stats.first_shifted) == (4, "mem.jsonl:2")
+  assert len(warnings) == 1 and warnings[0].startswith("mem.jsonl:2:") and "4 of 12 rows" in warnings[0]
+
+
 @pytest.mark.parametrize("rows", [CONV, CONV_IMPLICIT, STRINGS, STRINGS_IMPLICIT],
                          ids=["conv", "conv_implicit", "strings", "strings_implicit"])
 @pytest.mark.parametrize("which", ["smol", "llama"])

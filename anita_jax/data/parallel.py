@@ -40,9 +40,11 @@ def _encode_chunk(fn: Callable, rows: Sequence, stats_type: type, kwargs: dict) 
 
 
 def add_stats(total, part) -> None:
-  """Adds the counts of `part` into `total` (dataclasses of int fields, of one type)."""
+  """Adds the counts of `part` into `total` (dataclasses of one type: int fields add up, a str field keeps the
+  first non-empty value, as one process reading the rows in order would)."""
   for f in dataclasses.fields(total):
-    setattr(total, f.name, getattr(total, f.name) + getattr(part, f.name))
+    ours, theirs = getattr(total, f.name), getattr(part, f.name)
+    setattr(total, f.name, ours or theirs if isinstance(ours, str) else ours + theirs)
 
 
 def chunks(n: int, workers: int) -> list[range]:

@@ -86,6 +86,7 @@ class PreferenceStats:
   dropped: int = 0  # prompt of max_length tokens or more
   tokens: int = 0  # prompt + chosen + rejected tokens kept
   boundary_shifted: int = 0  # prompt ids not a prefix of prompt + completion ids
+  first_shifted: str = ""  # FILE:ROW of the first such row
 
   def __str__(self) -> str:
     return (f"{self.rows} rows: {self.kept} kept ({self.truncated} truncated), {self.dropped} dropped "
@@ -113,9 +114,7 @@ def encode_preference(row: Row | dict, tokenizer, *, max_length: int, max_prompt
   n = min(data.shared_prefix(prompt, full_c), data.shared_prefix(prompt, full_r))
   stats.rows += 1
   if n < len(prompt):
-    if not stats.boundary_shifted:
-      logging.warning("%s: the tokenized prompt is not a prefix of the tokenized prompt + completion; the "
-                      "completion starts where they diverge (as TRL does). Shown once.", row.where)
+    stats.first_shifted = stats.first_shifted or row.where
     stats.boundary_shifted += 1
   prompt, chosen, rejected = prompt[:n], full_c[n:], full_r[n:]
   truncated = False
@@ -158,6 +157,10 @@ def encode_preferences(rows: Sequence[Row], tokenizer, *, max_length: int, max_p
   stats = PreferenceStats()
   examples = parallel.encode_rows(encode_pairs, rows, tokenizer, stats, workers=workers, max_length=max_length,
                                   max_prompt_length=max_prompt_length)
+  if stats.boundary_shifted:  # once for the dataset, whatever the number of worker processes
+    logging.warning("%s: the tokenized prompt is not a prefix of the tokenized prompt + completion; the "
+                    "completion starts where they diverge (as TRL does): %d of %d rows", stats.first_shifted,
+                    stats.boundary_shifted, stats.rows)
   if not examples:
     raise UserError(f"{data.describe_sources(rows)}: dataset left empty after filtering ({stats}; "
                     f"max_length={max_length}, max_prompt_length={max_prompt_length})")
