@@ -6,9 +6,11 @@ CPU smoke run: --preset=tiny --config.sft.data.max_length=64 --config.dpo.data.m
     --peak_size=1024
 
 Each stage is the recipe's (configs/anita_8b.py): Llama-3-8B architecture (`PRESETS[--preset]`), NF4 with double
-quantization, bf16 compute, full remat, LoRA rank/alpha/targets, sequence length and micro-batch (pairs for dpo,
-whose reference is the base with the adapters off; always the padded layout, data.packing off) of that stage, attention `--attention` (dot: splash is
-TPU-only), one micro-batch per step unless --grad_accum. If the micro-batch does not fit, it is halved
+quantization, bf16 compute, full remat, LoRA rank/alpha/targets, sequence length, micro-batch and layout of that
+stage (dpo: the reference is the base with the adapters off; with the recipe's data.packing, rows of packed pairs
+built by the training packer, each pair a prompt of T/4 and two completions of 3T/4 tokens, one pair a row;
+without, [chosen rows; rejected rows] of those pairs), attention `--attention` (dot: splash is TPU-only), one
+micro-batch per step unless --grad_accum. If the micro-batch does not fit, it is halved
 (`fit_trials` lists the sizes tried). The frozen weights are random (bf16 normal * 0.02, the projections
 quantized on device; no host copy): step time and memory do not depend on weight values.
 Each stage runs in its own process, so `peak_bytes` (the device allocator's peak) is that stage's alone.
@@ -60,11 +62,13 @@ def peak_flops(n: int) -> float:
   return reps * 2 * n ** 3 / (time.perf_counter() - start)
 
 
-def model_flops(model_config, c, rows: int) -> float:
+def model_flops(model_config, c, rows: int, length: int) -> float:
   from anita_jax import files
+  from anita_jax.train import objectives
   from anita_jax.train.flops import benchmark_flops
+  reference_forward = objectives.objective(c.stage).reference_forward(c)
   return c.train.grad_accum * benchmark_flops(model_config, c.lora.rank, files.split_list(c.lora.targets), rows=rows,
-                                              length=c.data.max_length, reference_forward=c.stage == "dpo")
+                                              length=length, reference_forward=reference_forward)
 
 
 def _random_frozen(stage, quant):
@@ -118,19 +122,37 @@ def _fresh_state(stage, tx):
   return {"step": step, "params": params, "opt_state": opt_state}
 
 
+def _packed_pairs(c, rng):
+  """[A, rows, 2T] packed DPO rows from the training packer: pairs of a T/4 prompt and two 3T/4 completions."""
+  import numpy as np
+
+  from anita_jax.data import preference as PR
+  t, rows = c.data.max_length, c.train.batch_size
+  ids = lambda n: rng.randint(3, 1000, n).astype(np.int32)  # noqa: E731
+  pairs = [PR.PreferenceExample(ids(t // 4), ids(t - t // 4), ids(t - t // 4)) for _ in range(rows)]
+  it = PR.PreferenceBatchIterator(pairs, batch_size=rows, max_length=t, packing=True)
+  micro = [next(it) for _ in range(c.train.grad_accum)]
+  return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+
+
 def _batch(c, mesh):
-  """[A, rows, T] random tokens on device; dpo: chosen rows then rejected rows, loss on the last 3/4."""
+  """[A, rows, T] random tokens on device; dpo: a prompt of T/4 and completions of 3T/4 (`_packed_pairs` with
+  data.packing, else chosen rows then rejected rows, loss on the last 3/4)."""
   import jax
   import numpy as np
 
   from anita_jax.train.step import batch_shardings
-  rows, t = c.train.batch_size * (2 if c.stage == "dpo" else 1), c.data.max_length
-  ids = np.random.RandomState(0).randint(3, 1000, (c.train.grad_accum, rows, t)).astype(np.int32)
-  mask = np.ones_like(ids)
-  if c.stage == "dpo":
-    mask[..., :t // 4] = 0
-  batch = {"input_ids": ids, "loss_mask": mask, "segment_ids": np.ones_like(ids),
-           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), ids.shape).copy()}
+  rng = np.random.RandomState(0)
+  if c.stage == "dpo" and c.data.packing:
+    batch = _packed_pairs(c, rng)
+  else:
+    rows, t = c.train.batch_size * (2 if c.stage == "dpo" else 1), c.data.max_length
+    ids = rng.randint(3, 1000, (c.train.grad_accum, rows, t)).astype(np.int32)
+    mask = np.ones_like(ids)
+    if c.stage == "dpo":
+      mask[..., :t // 4] = 0
+    batch = {"input_ids": ids, "loss_mask": mask, "segment_ids": np.ones_like(ids),
+             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), ids.shape).copy()}
   shardings = batch_shardings(c, mesh)
   return {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}, shardings
 
@@ -185,7 +207,6 @@ def run_stage(c, peak: float) -> dict:
   from anita_jax.model.config import PRESETS
   model_config = PRESETS[_PRESET.value]
   c.model.attention, c.train.grad_accum = _ATTENTION.value, _GRAD_ACCUM.value
-  c.data.packing = False  # the batch below is the padded layout: [chosen rows; rejected rows] for dpo
   frozen, trials = None, []
   while True:
     trials.append({"micro_batch": c.train.batch_size})
@@ -205,14 +226,19 @@ def run_stage(c, peak: float) -> dict:
       trials[-1]["fits"] = False
       state = step = batch = None
       c.train.batch_size //= 2
-  rows = c.train.batch_size * (2 if c.stage == "dpo" else 1)
-  flops = model_flops(model_config, c, rows)
-  tokens = rows * c.data.max_length * c.train.grad_accum
+  packed_pairs = c.stage == "dpo" and c.data.packing
+  rows = c.train.batch_size * (2 if c.stage == "dpo" and not packed_pairs else 1)
+  row_length = c.data.max_length * (2 if packed_pairs else 1)
+  # Packed pairs: the positions the rows hold (a prompt once per pair), as a dense model computes them.
+  flops = model_flops(model_config, c, rows, row_length)
+  tokens = rows * row_length * c.train.grad_accum
+  pairs = c.train.batch_size * c.train.grad_accum if c.stage == "dpo" else None
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
   return {"stage": c.stage, "preset": _PRESET.value, "device": device.device_kind, "platform": device.platform,
           "jax": jax.__version__, "seq_len": c.data.max_length, "micro_batch": c.train.batch_size,
-          "rows": rows, "grad_accum": c.train.grad_accum, "lora_rank": c.lora.rank, "lora_alpha": c.lora.alpha,
+          "rows": rows, "row_length": row_length, "packing": c.data.packing,
+          "pairs_per_s": None if pairs is None else round(pairs / seconds, 2), "grad_accum": c.train.grad_accum, "lora_rank": c.lora.rank, "lora_alpha": c.lora.alpha,
           "attention": c.model.attention, "remat": c.model.remat, "quant": c.quant.type,
           "double_quant": c.quant.double_quant, "dtype": c.model.dtype, "compile_s": round(compile_s, 1),
           "step_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
