@@ -230,7 +230,8 @@ def _packing_run(demo_config, tiny_hf_dir, data, workdir, **overrides):
 
 @pytest.mark.slow
 def test_packed_first_batch_matches_trl(demo_config, tiny_hf_dir, pairs_file, tmp_path):  # noqa: F811
-  """All 8 pairs in one packed step against TRL's first batch of the same 8 pairs (padded, fp32)."""
+  """All 8 pairs in one packed step against TRL's first batch of the same 8 pairs (padded, fp32), with the
+  plain attention and with the flash kernel (Pallas interpret mode here)."""
   import datasets
   import torch
   import transformers
@@ -239,8 +240,10 @@ def test_packed_first_batch_matches_trl(demo_config, tiny_hf_dir, pairs_file, tm
   it, _ = T.build_data(C.freeze(c), transformers.AutoTokenizer.from_pretrained(tiny_hf_dir), batch_size=1)
   rows = len(it.groups(0))
   assert rows < 8 and sum(len(g) for g in it.groups(0)) == 8  # several pairs share a row
-  ours = _packing_run(demo_config, tiny_hf_dir, pairs_file, str(tmp_path / "ours"),
-                      **{"quant.type": "none", "train.steps": 1, "mesh.data": 1, "train.batch_size": rows})[0]
+  ours = {attention: _packing_run(demo_config, tiny_hf_dir, pairs_file, str(tmp_path / attention),
+                                  **{"quant.type": "none", "train.steps": 1, "mesh.data": 1, "train.batch_size": rows,
+                                     "model.attention": attention})[0]
+          for attention in ("dot", "flash")}
 
   model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
   tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_hf_dir)
@@ -252,11 +255,12 @@ def test_packed_first_batch_matches_trl(demo_config, tiny_hf_dir, pairs_file, tm
                            processing_class=tokenizer)
   trainer.train()
   theirs = next(h for h in trainer.state.log_history if "logps/chosen" in h)
-  for key in ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
-    assert rel(ours[key], theirs[key]) <= 1e-4, (key, ours[key], theirs[key])
-  assert abs(ours["loss"] - theirs["loss"]) <= 1e-4
-  for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
-    assert abs(ours[key] - theirs[key]) <= 1e-5, key
+  for attention, metrics in ours.items():
+    for key in ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
+      assert rel(metrics[key], theirs[key]) <= 1e-4, (attention, key, metrics[key], theirs[key])
+    assert abs(metrics["loss"] - theirs["loss"]) <= 1e-4, attention
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+      assert abs(metrics[key] - theirs[key]) <= 1e-5, (attention, key)
 
 
 @pytest.fixture(scope="module")

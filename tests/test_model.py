@@ -42,15 +42,17 @@ def rel_err(a, b):
   return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_logits_match_transformers(name):
+@pytest.mark.parametrize("name,attention", [(name, "dot") for name in sorted(VARIANTS)]
+                         + [("gqa-untied-llama3rope", "flash"), ("mha-tied-llama3rope", "flash")])
+def test_logits_match_transformers(name, attention):
   config = VARIANTS[name]
   ref = reference_model(config)
-  # 150 tokens: three query blocks of `attention`, the last one partial.
+  # 150 tokens: three query blocks of `attention`, the last one partial (flash: one 256 tile, 106 padding).
   tokens = np.random.RandomState(1).randint(0, config.vocab_size, (3, 2 * AT.QUERY_BLOCK + 22))
   with torch.no_grad():
     expected = ref(torch.tensor(tokens)).logits.numpy()
-  logits, _ = M.Llama(config).apply({"params": our_params(ref, config)}, jnp.asarray(tokens))
+  model = M.Llama(config, attention=attention)
+  logits, _ = jax.jit(model.apply)({"params": our_params(ref, config)}, jnp.asarray(tokens))
   abs_err = np.abs(np.asarray(logits) - expected).max()
   assert abs_err <= 1e-4, f"max abs {abs_err:.2e}, relative {rel_err(logits, expected):.2e}"
 

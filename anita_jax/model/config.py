@@ -173,7 +173,9 @@ PRESETS: dict[str, ModelConfig] = {
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_KINDS = ("dot", "splash")  # training/eval attention: plain [T, S] scores | blockwise Pallas kernel
+# Training/eval attention: plain [T, S] scores | blockwise Pallas TPU kernels (splash: causal + segments;
+# flash: also packed DPO pairs, masks from the ids at run time).
+ATTENTION_KINDS = ("dot", "splash", "flash")
 
 
 @dataclasses.dataclass(frozen=True)

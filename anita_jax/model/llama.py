@@ -34,6 +34,7 @@ import numpy as np
 
 from anita_jax.errors import UserError
 from anita_jax.model import attention as AT
+from anita_jax.model import flash as FL
 from anita_jax.model import quant as Q
 from anita_jax.model import splash as SP
 from anita_jax.model.config import ATTENTION_KINDS, LoraSpec, ModelConfig
@@ -218,8 +219,10 @@ class Attention(_Block):
       cv = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), (0, cache_offset, 0, 0))
       new_cache = {"k": ck, "v": cv}
       key, value, offset = ck.astype(self.dtype), cv.astype(self.dtype), cache_offset
-    if cache is None and self.attention == "splash" and SP.usable():  # a whole sequence: T == S, q_offset 0
+    if cache is None and self.attention == "splash" and SP.usable("splash"):  # a whole sequence: q_offset 0
       o = SP.splash_attention(q, key, value, q_segment_bt)
+    elif cache is None and self.attention == "flash" and SP.usable("flash"):
+      o = FL.flash_attention(q, key, value, q_segment_bt, branch_bt)
     else:
       o = AT.attention(q, key, value, q_segment_bt, kv_segment_bs, offset, branch_bt, branch_bt)
     o = o.reshape(b, t, n * h)
@@ -266,8 +269,9 @@ class Llama(nn.Module):
   adapters_enabled: bool = True
   deterministic: bool = True
   quant: Q.QuantSpec | None = None  # of the seven projections; embeddings, lm_head, norms stay dense
-  # "splash": the Pallas blockwise kernel (`splash.py`) for whole-sequence forwards (training, eval);
-  # decoding with a KV cache always uses the plain `attention.attention`.
+  # "splash" / "flash": a Pallas blockwise kernel (`splash.py`: causal + packed segments, masks fixed per
+  # compile; `flash.py`: every mask here, packed DPO pairs included, from the ids at run time) for
+  # whole-sequence forwards (training, eval); decoding with a KV cache always uses `attention.attention`.
   attention: str = "dot"
 
   @nn.compact
@@ -278,7 +282,7 @@ class Llama(nn.Module):
     tokens_bt: int [B, T]. positions_bt: rotary positions (default 0..T-1).
     segment_ids_bt: packing ids, 0 = padding (default all 1).
     branch_ids_bt: int [B, T], packed DPO pairs only (`attention.attention`): 0 prompt, 1 chosen,
-      2 rejected; a completion never attends to the other one. Needs model.attention=dot
+      2 rejected; a completion never attends to the other one. Needs model.attention dot or flash
       and no cache.
     cache: {"k", "v"} [L, B, S, K, H] from `init_cache`, updated at `cache_offset`
       (a scalar); `kv_segment_ids_bs` [B, S] are then the segment ids of the cache slots.
@@ -301,7 +305,7 @@ class Llama(nn.Module):
       raise ValueError("branch_ids_bt (packed preference pairs) cannot be used with a KV cache")
     if branch_ids_bt is not None and self.attention == "splash":
       raise UserError("model.attention=splash cannot mask packed DPO pairs (chosen and rejected sharing a "
-                      "prompt): set model.attention=dot or data.packing=false")
+                      "prompt): set model.attention=flash or dot, or data.packing=false")
 
     embedding = Embed(c.vocab_size, c.hidden_size, self.param_dtype, name="embed_tokens")()
     x_btd = jnp.take(embedding, tokens_bt, axis=0).astype(self.dtype)

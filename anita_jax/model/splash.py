@@ -83,7 +83,7 @@ def _local(q_bnth, k_bksh, v_bksh, segment_bt, *, interpret: bool):
   return jax.vmap(one_row)(q_bnth, k_bksh, v_bksh, segment_bt)
 
 
-def _mesh_axes(mesh, axes: tuple[str, ...], dim: int):
+def mesh_axes(mesh, axes: tuple[str, ...], dim: int):
   """The mesh axes of `axes` present in `mesh`, or None when their product does not divide `dim`."""
   axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
   if not axes or dim % math.prod(mesh.shape[a] for a in axes):
@@ -91,24 +91,26 @@ def _mesh_axes(mesh, axes: tuple[str, ...], dim: int):
   return axes if len(axes) > 1 else axes[0]
 
 
-def _platform(mesh) -> str:
+def mesh_platform(mesh) -> str:
+  """The platform the program being traced runs on: the mesh's devices, else JAX's default backend."""
   return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
 
 
-def usable() -> bool:
-  """Whether the kernel should run in the program being traced; warns once when it should not.
+def usable(kind: str = "splash") -> bool:
+  """Whether a Pallas TPU kernel (`model.attention=kind`: splash, or flash of `flash.py`) should run in the
+  program being traced; warns once when it should not.
 
-  Not on GPUs (it is a TPU kernel; elsewhere only Pallas' interpreter runs it,
+  Not on GPUs (TPU kernels; elsewhere only Pallas' interpreter runs them,
   which is meant for checking on the CPU), and not on several TPU devices
   without a mesh in context (the compiler cannot partition a Mosaic kernel by itself).
   """
   mesh = jax.sharding.get_abstract_mesh()
-  platform = _platform(mesh)
+  platform = mesh_platform(mesh)
   if platform in ("gpu", "cuda", "rocm"):
-    _warn_gpu()
+    _warn_gpu(kind)
     return False
   if mesh.empty and platform == "tpu" and jax.device_count() > 1:
-    _warn_unsharded()
+    _warn_unsharded(kind)
     return False
   return True
 
@@ -124,7 +126,7 @@ def splash_attention(q_btnh, k_bskh, v_bskh, segment_bt) -> jax.Array:
   if k_bskh.shape[1] != t or n % k:
     raise ValueError(f"splash_attention: q {q_btnh.shape} and k {k_bskh.shape} must share T, and K must divide N")
   mesh = jax.sharding.get_abstract_mesh()
-  platform = _platform(mesh)
+  platform = mesh_platform(mesh)
   # The plain path scales the fp32 scores; the kernel takes q pre-scaled (rounded once to q's dtype).
   q = (q_btnh.astype(jnp.float32) * (h ** -0.5)).astype(q_btnh.dtype)
   block = block_size(t)
@@ -140,8 +142,8 @@ def splash_attention(q_btnh, k_bskh, v_bskh, segment_bt) -> jax.Array:
 
   local = functools.partial(_local, interpret=platform != "tpu")
   if not mesh.empty and mesh.size > 1:
-    rows = _mesh_axes(mesh, BATCH_AXES, b)
-    heads = _mesh_axes(mesh, ("tensor",), k)
+    rows = mesh_axes(mesh, BATCH_AXES, b)
+    heads = mesh_axes(mesh, ("tensor",), k)
     qkv = P(rows, heads, None, None)
     local = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows, None)), out_specs=qkv,
                           check_vma=False)
@@ -150,15 +152,15 @@ def splash_attention(q_btnh, k_bskh, v_bskh, segment_bt) -> jax.Array:
 
 
 @functools.cache
-def _warn_gpu() -> None:
-  logging.warning("model.attention=splash is a TPU kernel; on GPU the plain attention runs instead "
-                  "(set model.attention=dot to silence this)")
+def _warn_gpu(kind: str) -> None:
+  logging.warning("model.attention=%s is a TPU kernel; on GPU the plain attention runs instead "
+                  "(set model.attention=dot to silence this)", kind)
 
 
 @functools.cache
-def _warn_unsharded() -> None:
-  logging.warning("model.attention=splash: no mesh in context (jax.set_mesh) on %d TPU devices; the Pallas kernel "
-                  "cannot be partitioned without one, so the plain attention runs instead", jax.device_count())
+def _warn_unsharded(kind: str) -> None:
+  logging.warning("model.attention=%s: no mesh in context (jax.set_mesh) on %d TPU devices; the Pallas kernel "
+                  "cannot be partitioned without one, so the plain attention runs instead", kind, jax.device_count())
 
 
 def causal_blocks(t: int) -> tuple[int, int]:

@@ -31,10 +31,12 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
   adapters = sum(lora_rank * (i + o) for name, (i, o) in dims.items() if name in lora_targets)
   tokens = rows * length
   attn = 4 * rows * length ** 2 * mc.num_heads * mc.head_dim  # QK^T and PV over the full T x T
-  if attention == "splash":
-    # Only the tiles on or below the diagonal are computed (of the padded length). The backward kernels
-    # recompute Q K^T from the saved log-sum-exp: 7 tile products (dq: QK^T, dO V^T, dS K; dk and dv:
-    # QK^T, P^T dO, dO V^T, dS^T Q) against autodiff's 4.
+  kernel_attention = attention in ("splash", "flash")
+  if kernel_attention:
+    # Only the tiles on or below the diagonal are computed (of the padded length; flash skips more on packed
+    # rows, which depends on the data: this is its upper bound). The backward kernels recompute Q K^T from
+    # the saved log-sum-exp: 7 tile products (dq: QK^T, dO V^T, dS K; dk and dv: QK^T, P^T dO, dO V^T,
+    # dS^T Q) against autodiff's 4. Both kernels take the same tiles (`flash.block_sizes`, `splash.block_size`).
     computed, _ = splash.causal_blocks(length)
     attn_fwd = 4 * rows * computed * splash.block_size(length) ** 2 * mc.num_heads * mc.head_dim
     attn_bwd = 3.5 * attn_fwd
@@ -61,9 +63,10 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
   # What the remat policy recomputes of the attention: its computed products, not the full T x T.
   recompute += {"none": 0, "full": n_layers * (attn_fwd - attn), "dots": 0,
                 "dots_no_batch": n_layers * (attn_fwd - attn)}[remat]
-  if attention == "splash":
+  if kernel_attention:
     # A Pallas call is not a dot: every remat policy recomputes its forward.
     recompute += n_layers * attn_fwd if remat == "dots" else 0
+  if attention == "splash":  # flash's calls carry their cost (`flash.cost`), so the compiler counts them
     kernel = grad_accum * n_layers * (attn_fwd + attn_bwd + (attn_fwd if reference_forward else 0)
                                       + (attn_fwd if remat != "none" else 0))
   model = grad_accum * (fwd + bwd + ref)
@@ -82,13 +85,14 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
       + (f"With attention=dot the queries go in blocks of {AT.query_block(length)} against the keys up to "
          f"each block's end: A_d = {attn_fwd:.6g} forward and 2.5 A_d backward (Q K^T recomputed) are computed, "
          "so 'executed' counts A_d and 2.5 A_d where 'model' counts A and 2 A. "
-         if attention != "splash" else
-         f"With attention=splash the kernel computes only the {splash.causal_blocks(length)[0]} of "
+         if not kernel_attention else
+         f"With attention={attention} the kernel computes only the {splash.causal_blocks(length)[0]} of "
          f"{splash.causal_blocks(length)[1]} tiles ({splash.block_size(length)} x {splash.block_size(length)}) "
          f"on or below the diagonal: A_s = {attn_fwd:.6g} forward, 3.5 A_s backward (7 tile products, "
-         f"Q K^T recomputed), so 'executed' counts A_s and 3.5 A_s where 'model' counts A and 2 A; the "
-         f"compiler counts no FLOPs inside a Pallas call, so the kernel's {kernel:.6g} FLOPs of the step "
-         "are added to its count. ")
+         f"Q K^T recomputed), so 'executed' counts A_s and 3.5 A_s where 'model' counts A and 2 A; "
+         + (f"the compiler counts no FLOPs inside the splash call, so the kernel's {kernel:.6g} FLOPs of the "
+            "step are added to its count. " if attention == "splash" else
+            "each flash call carries its causal tiles' cost (`flash.cost`), which the compiler counts. "))
       + f"'executed' adds the remat={remat} recomputation of the forward ({recompute} per micro-batch; full: "
       "all but down_proj's product, whose output the backward does not need). Matmuls only.")
   return {"model": float(model), "executed": float(model + swap + grad_accum * recompute), "kernel": float(kernel),
