@@ -205,3 +205,19 @@ def test_tpu_lowering_compiles_for_v5e(head_dim):
   # XLA counts the kernels by their cost estimate: the causal tiles (3 of 4 per row and head).
   tile = 2 * 512 * 512 * head_dim
   assert compiled.cost_analysis()["flops"] >= (2 + 3 + 4) * tile * 3 * b * n
+
+
+def test_a_stage_the_kernel_cannot_take_is_one_error_line_before_compiling(demo_config):
+  import dataclasses
+
+  from anita_jax.model import config as cfg
+  from anita_jax.train import config as C
+  from anita_jax.train import state as ST
+  c = demo_config("dpo")
+  c.model.attention, c.data.packing = "flash", True
+  c = C.freeze(c)
+  spec = ST.lora_spec(c)
+  ST.make_model(c, cfg.PRESETS["tiny"], spec)  # head_dim 16: taken
+  with pytest.raises(UserError) as e:
+    ST.make_model(c, dataclasses.replace(cfg.PRESETS["tiny"], head_dim=12), spec)
+  assert str(e.value).startswith("config field 'model.attention'=flash: head_dim 12") and "\n" not in str(e.value)

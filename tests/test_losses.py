@@ -365,11 +365,9 @@ def test_policy_equal_to_reference_gives_log2_and_zero_rewards():
   other = jnp.array([-7.0, -9.5, -1.0])
   loss_b = losses.dpo_loss(logps, other, logps, other, beta=0.1)
   np.testing.assert_allclose(np.asarray(loss_b), math.log(2), rtol=RTOL)
-  m = losses.dpo_metrics(logps, other, logps, other, beta=0.1, chosen_tokens=jnp.array([3, 1, 9]),
-                         rejected_tokens=jnp.array([2, 4, 1]), chosen_mean_logit=jnp.zeros(3),
-                         rejected_mean_logit=jnp.zeros(3))
+  m = losses.dpo_pair_metrics(logps, other, logps, other, beta=0.1)
   for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
-    assert float(m[name]) == 0.0  # accuracies: ties do not count (strict >)
+    assert np.all(np.asarray(m[name]) == 0.0)  # accuracies: ties do not count (strict >)
 
 
 def test_dpo_metrics_match_numpy_float64():
@@ -379,10 +377,13 @@ def test_dpo_metrics_match_numpy_float64():
   nc, nr = rng.integers(1, 20, 6), rng.integers(0, 20, 6)
   lc, lr = rng.normal(0, 2, 6), rng.normal(0, 2, 6)
   beta = 0.25
-  got = jax.jit(lambda *a: losses.dpo_metrics(
-      *a[:4], beta=beta, chosen_tokens=a[4], rejected_tokens=a[5], chosen_mean_logit=a[6],
-      rejected_mean_logit=a[7]))(*(jnp.asarray(x, jnp.float32) for x in (pc, pr, rc, rr)),
-                                 jnp.asarray(nc), jnp.asarray(nr), *(jnp.asarray(x, jnp.float32) for x in (lc, lr)))
+
+  def metrics(pc, pr, rc, rr, logit_sums, nc, nr):  # as the step reduces them: pair means, token means
+    per_pair = losses.dpo_pair_metrics(pc, pr, rc, rr, beta=beta)
+    return {**{k: jnp.mean(v) for k, v in per_pair.items()}, **losses.logit_metrics(logit_sums, nc, nr)}
+
+  got = jax.jit(metrics)(*(jnp.asarray(x, jnp.float32) for x in (pc, pr, rc, rr)),
+                         jnp.asarray(np.stack([lc * nc, lr * nr], -1), jnp.float32), nc.sum(), nr.sum())
   c, r = beta * (pc - rc), beta * (pr - rr)
   want = {"rewards/chosen": c.mean(), "rewards/rejected": r.mean(), "rewards/accuracies": (c > r).mean(),
           "rewards/margins": (c - r).mean(), "logps/chosen": pc.mean(), "logps/rejected": pr.mean(),
@@ -390,8 +391,7 @@ def test_dpo_metrics_match_numpy_float64():
   assert set(got) == set(want)
   for name, value in want.items():
     np.testing.assert_allclose(float(got[name]), value, rtol=2e-6, atol=1e-6, err_msg=name)
-  empty = losses.dpo_metrics(pc, pr, rc, rr, beta=beta, chosen_tokens=np.zeros(6), rejected_tokens=nr,
-                             chosen_mean_logit=lc, rejected_mean_logit=lr)
+  empty = losses.logit_metrics(np.stack([lc * 0, lr * nr], -1), 0, nr.sum())
   assert float(empty["logits/chosen"]) == 0.0
 
 
@@ -425,8 +425,8 @@ def test_dpo_from_logits_matches_trl_with_its_fused_head():
   halves = lambda x: (x[:pairs], x[pairs:])
   (pc, pr), (nc, nr), (lc, lr) = halves(logps_b), halves(tokens_b), halves(mean_logit_b)
   loss = jnp.mean(losses.dpo_loss(pc, pr, ref[:pairs], ref[pairs:], beta=beta))
-  metrics = losses.dpo_metrics(pc, pr, ref[:pairs], ref[pairs:], beta=beta, chosen_tokens=nc, rejected_tokens=nr,
-                               chosen_mean_logit=lc, rejected_mean_logit=lr)
+  metrics = {k: jnp.mean(v) for k, v in losses.dpo_pair_metrics(pc, pr, ref[:pairs], ref[pairs:], beta=beta).items()}
+  metrics.update(losses.logit_metrics(jnp.stack([lc * nc, lr * nr], -1), jnp.sum(nc), jnp.sum(nr)))
   np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
   assert np.all(np.asarray(nc) == completion[:pairs].sum(1))
   for name, value in metrics.items():

@@ -1,4 +1,5 @@
-"""Training losses: next-token cross-entropy (SFT) and DPO, as transformers and TRL 1.16 compute them.
+"""Training losses: next-token cross-entropy (SFT) and the preference losses, as transformers and TRL 1.16
+compute them (DPO; the reference-free CPO and ORPO losses: `reference_free`).
 
 Shape legend as in `anita_jax.model.llama`: B batch, T length, V vocab.
 
@@ -135,15 +136,21 @@ def _head_logprobs_bwd(vocab_major, chunk, dlogp_dx, cotangents):
 _head_logprobs.defvjp(_head_logprobs_fwd, _head_logprobs_bwd)
 
 
+def sequence_targets(segment_ids: Array) -> Array:
+  """[..., T] bool: the tokens predicted from a position of their own segment (every token of a sequence but its
+  first; never padding). Over the last axis, for leaves of any leading shape."""
+  same = jnp.concatenate([jnp.zeros_like(segment_ids[..., :1], bool),
+                          segment_ids[..., 1:] == segment_ids[..., :-1]], axis=-1)
+  return same & (segment_ids != 0)
+
+
 def target_mask(batch: dict[str, Array]) -> Array:
   """`loss_mask` [B, T] bool, restricted to tokens whose predicting position lies in the same segment.
 
   A no-op for a well-formed batch; it keeps a packed row's first token of a new
   sequence (predicted from the previous sequence) and padding out of the loss.
   """
-  seg_bt = batch["segment_ids"]
-  same_bt = jnp.pad(seg_bt[:, 1:] == seg_bt[:, :-1], ((0, 0), (1, 0)))
-  return (batch["loss_mask"] > 0) & same_bt & (seg_bt != 0)
+  return (batch["loss_mask"] > 0) & sequence_targets(batch["segment_ids"])
 
 
 def nll_terms(logp_bt: Array, batch: dict[str, Array]) -> tuple[Array, Array]:
@@ -203,6 +210,37 @@ def pair_completion_stats(logp_bt: Array, mean_logit_bt: Array, batch: dict[str,
   sums = sums.reshape(-1, values_btk.shape[-1])  # [B * pairs_per_row, 7]
   return {"logps": sums[:, 0::3][:, :2], "tokens": sums[:, 1::3][:, :2], "logit_sums": sums[:, 2::3][:, :2],
           "present": sums[:, 6] > 0}
+
+
+def ld_weights(loss_mask_bt: Array, ld_alpha: float) -> Array:
+  """LD-DPO's token weights [2B, T] fp32 of a padded batch (rows: B chosen, then their B rejected): ld_alpha on
+  a completion's tokens past the pair's shorter completion length, 1 elsewhere (TRL 1.16's `ld_alpha`: the
+  summed log-probs become shared part + ld_alpha x tail)."""
+  mask_bt = loss_mask_bt > 0
+  position_bt = jnp.cumsum(mask_bt, axis=-1)  # 1-based index of a completion token within its completion
+  length_b = jnp.sum(mask_bt, axis=-1)
+  shared_b = jnp.tile(jnp.minimum(*jnp.split(length_b, 2)), 2)
+  return jnp.where(mask_bt & (position_bt > shared_b[:, None]), ld_alpha, 1.0).astype(jnp.float32)
+
+
+def packed_ld_weights(batch: dict[str, Array], pairs_per_row: int, ld_alpha: float) -> Array:
+  """`ld_weights` [B, T] of packed pairs (`pair_completion_stats`' layout): a completion token's index within
+  its completion is its running count in the row less the tokens of that branch in the row's earlier pairs."""
+  seg_bt, branch_bt = batch["segment_ids"], batch["branch_ids"]
+  slot_bt = jnp.where(seg_bt > 0, seg_bt - 1, pairs_per_row)  # padding: an extra slot, counted nowhere
+  per_slot = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=pairs_per_row + 1))
+  gather = jax.vmap(lambda v, i: v[i])
+  masks, positions, lengths = [], [], []
+  for branch in (1, 2):
+    mask_bt = (batch["loss_mask"] > 0) & (branch_bt == branch)
+    length_bs = per_slot(mask_bt.astype(jnp.int32), slot_bt)  # [B, pairs_per_row + 1]
+    before_bs = jnp.cumsum(length_bs, axis=-1) - length_bs
+    masks.append(mask_bt)
+    positions.append(jnp.cumsum(mask_bt, axis=-1) - gather(before_bs, slot_bt))
+    lengths.append(length_bs)
+  shared_bt = gather(jnp.minimum(*lengths), slot_bt)
+  tail_bt = (masks[0] & (positions[0] > shared_bt)) | (masks[1] & (positions[1] > shared_bt))
+  return jnp.where(tail_bt, ld_alpha, 1.0).astype(jnp.float32)
 
 
 def dpo_loss_terms(loss_type: str | Sequence[str],
@@ -349,47 +387,29 @@ def chosen_nll(chosen_logps: Array, chosen_tokens: Array) -> Array:
   return -jnp.sum(f32(chosen_logps)) / jnp.maximum(jnp.sum(f32(chosen_tokens)), 1.0)
 
 
-def dpo_metrics(policy_chosen: Array, policy_rejected: Array, ref_chosen: Array, ref_rejected: Array, *,
-                beta: float, chosen_tokens: Array, rejected_tokens: Array,
-                chosen_mean_logit: Array, rejected_mean_logit: Array) -> dict[str, Array]:
-  """TRL 1.16's DPO metrics for one batch, fp32 scalars under TRL's names.
-
-  Rewards and logps are means over the batch's pairs; `logits/*` is a mean over
-  all completion tokens of the batch (token-weighted, as TRL), 0 without tokens.
-  """
-  f32 = lambda x: jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
-  chosen_rewards_b = beta * (f32(policy_chosen) - f32(ref_chosen))
-  rejected_rewards_b = beta * (f32(policy_rejected) - f32(ref_rejected))
-
-  def token_mean(mean_logit_b, tokens_b):
-    total = jnp.sum(f32(tokens_b))
-    return jnp.where(total > 0, jnp.sum(f32(mean_logit_b) * f32(tokens_b)) / jnp.maximum(total, 1.0), 0.0)
-
-  return {
-      "rewards/chosen": jnp.mean(chosen_rewards_b),
-      "rewards/rejected": jnp.mean(rejected_rewards_b),
-      "rewards/accuracies": jnp.mean((chosen_rewards_b > rejected_rewards_b).astype(jnp.float32)),
-      "rewards/margins": jnp.mean(chosen_rewards_b - rejected_rewards_b),
-      "logps/chosen": jnp.mean(f32(policy_chosen)),
-      "logps/rejected": jnp.mean(f32(policy_rejected)),
-      "logits/chosen": token_mean(chosen_mean_logit, chosen_tokens),
-      "logits/rejected": token_mean(rejected_mean_logit, rejected_tokens),
-  }
+def reward_metrics(chosen_rewards: Array, rejected_rewards: Array, chosen_logps: Array,
+                   rejected_logps: Array) -> dict[str, Array]:
+  """The per-pair values [N] behind TRL's rewards/* and logps/* metrics, fp32, no gradient: a step logs their
+  means over its pairs (DPO, CPO and ORPO alike; what a reward is differs)."""
+  f32 = lambda x: jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))  # noqa: E731
+  chosen, rejected = f32(chosen_rewards), f32(rejected_rewards)
+  return {"rewards/chosen": chosen, "rewards/rejected": rejected,
+          "rewards/accuracies": (chosen > rejected).astype(jnp.float32), "rewards/margins": chosen - rejected,
+          "logps/chosen": f32(chosen_logps), "logps/rejected": f32(rejected_logps)}
 
 
-def dpo_metric_sums(policy_chosen: Array, policy_rejected: Array, ref_chosen: Array, ref_rejected: Array, *,
-                    beta: float, present: Array) -> dict[str, Array]:
-  """Sums over the present pairs [N] of TRL's per-pair DPO metrics (`dpo_metrics` without the mean, and
-  without `logits/*`), fp32 scalars: divided by a pair count they are `dpo_metrics`' values."""
-  f32 = lambda x: jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
-  chosen_rewards = beta * (f32(policy_chosen) - f32(ref_chosen))
-  rejected_rewards = beta * (f32(policy_rejected) - f32(ref_rejected))
-  total = lambda x: jnp.sum(jnp.where(present, x, 0.0))  # noqa: E731
-  return {
-      "rewards/chosen": total(chosen_rewards),
-      "rewards/rejected": total(rejected_rewards),
-      "rewards/accuracies": total((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-      "rewards/margins": total(chosen_rewards - rejected_rewards),
-      "logps/chosen": total(f32(policy_chosen)),
-      "logps/rejected": total(f32(policy_rejected)),
-  }
+def dpo_pair_metrics(policy_chosen: Array, policy_rejected: Array, ref_chosen: Array, ref_rejected: Array, *,
+                     beta: float) -> dict[str, Array]:
+  """TRL 1.16's DPO metrics of each pair [N] (`reward_metrics`): rewards beta x (policy - reference)."""
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  return reward_metrics(beta * (f32(policy_chosen) - f32(ref_chosen)),
+                        beta * (f32(policy_rejected) - f32(ref_rejected)), policy_chosen, policy_rejected)
+
+
+def logit_metrics(logit_sums: Array, chosen_tokens: Array, rejected_tokens: Array) -> dict[str, Array]:
+  """TRL 1.16 DPO's `logits/*`: the mean over completion tokens of the mean logit predicting them, 0 without
+  tokens. logit_sums: [N, 2] (chosen, rejected) sums over each completion's tokens; *_tokens: the token counts
+  the means run over (one total each)."""
+  sums = jax.lax.stop_gradient(jnp.asarray(logit_sums, jnp.float32))
+  return {"logits/chosen": jnp.sum(sums[:, 0]) / jnp.maximum(jnp.asarray(chosen_tokens, jnp.float32), 1.0),
+          "logits/rejected": jnp.sum(sums[:, 1]) / jnp.maximum(jnp.asarray(rejected_tokens, jnp.float32), 1.0)}

@@ -103,15 +103,27 @@ class TrainFields:
   on_nonfinite: str = "stop"  # stop | skip
 
 
+DPO_OBJECTIVES = ("dpo", "cpo", "orpo")  # dpo.objective: TRL's DPOTrainer, CPOTrainer, ORPOTrainer
+
+
 @_frozen
 class DpoFields:
-  beta: float = 0.1
+  # dpo (a reference model) | cpo, orpo (reference-free: TRL's CPO/SimPO/AlphaPO and ORPO; no reference pass)
+  objective: str = "dpo"
+  beta: float = 0.1  # for orpo: the odds-ratio term's weight, ORPO's lambda (TRL's ORPOConfig.beta)
   loss_type: str = "sigmoid"  # one type or a comma list (TRL's weighted sum), "sft" in it being the SFT term
   loss_weights: str = ""  # comma list of floats, one per loss_type entry; empty: all 1.0
   label_smoothing: float = 0.0
   discopop_tau: float = 0.05  # read by loss_type discopop only
   sft_weight: float = 0.0  # the SFT term's weight, as an "sft" entry in loss_type (set one of the two)
   reference: str = "base"  # base (adapters disabled) | precomputed
+  # LD-DPO's alpha, in [0, 1]: each completion's tokens past the shorter one's length count with this weight in
+  # the policy and reference log-probs. 1.0 weights every token alike: exactly TRL's ld_alpha=None (its off).
+  ld_alpha: float = 1.0
+  # objective=cpo (TRL's CPOConfig names and defaults)
+  cpo_alpha: float = 1.0  # the weight of the NLL of the chosen completions (loss_type alphapo: 0, as TRL sets it)
+  simpo_gamma: float = 0.5  # SimPO's target reward margin (loss_type simpo, alphapo)
+  alpha: float = 0.0  # AlphaPO's reward shape r = (1 - p^-alpha) / alpha; 0: the log-prob itself
 
 
 @_frozen
@@ -280,6 +292,7 @@ def validate(c: StageConfig) -> None:
   _choice(c.train.schedule, "train.schedule", ("linear", "cosine", "constant"))
   _choice(c.train.on_nonfinite, "train.on_nonfinite", ("stop", "skip"))
   _choice(c.dpo.reference, "dpo.reference", ("base", "precomputed"))
+  _choice(c.dpo.objective, "dpo.objective", DPO_OBJECTIVES)
   if not c.data.train:
     raise UserError("config field 'data.train' is empty: give a dataset file, directory or hub id")
   for field, value, low in (("train.batch_size", c.train.batch_size, 1), ("train.grad_accum", c.train.grad_accum, 1),

@@ -13,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from anita_jax import files
 from anita_jax.data import batching
 from anita_jax.data import encode
 from anita_jax.infer import score
@@ -28,13 +29,26 @@ class StepSpec:
   stage: str
   grad_accum: int
   head_chunk: int = 16  # positions per chunk of the fused head and log-softmax (`losses.head_token_stats`)
+  objective: str = C.DpoFields.objective  # dpo | cpo | orpo (the preference stage's loss family)
   beta: float = C.DpoFields.beta
   loss_type: tuple[str, ...] = (C.DpoFields.loss_type,)  # dpo.loss_type's items; "sft" among them is the SFT term
   loss_weights: tuple[str, ...] = ()  # dpo.loss_weights' items, unparsed (`losses.dpo_loss_terms`); (): all 1.0
   label_smoothing: float = C.DpoFields.label_smoothing
   discopop_tau: float = C.DpoFields.discopop_tau
   sft_weight: float = C.DpoFields.sft_weight
+  ld_alpha: float = C.DpoFields.ld_alpha
+  cpo_alpha: float = C.DpoFields.cpo_alpha
+  simpo_gamma: float = C.DpoFields.simpo_gamma
+  alpha: float = C.DpoFields.alpha
   has_dropout: bool = False
+
+
+def dpo_options(d: C.DpoFields) -> dict:
+  """The `StepSpec` fields of the dpo.* config fields (the loss options the jitted step reads)."""
+  return {"objective": d.objective, "beta": d.beta, "loss_type": tuple(files.split_list(d.loss_type)),
+          "loss_weights": tuple(files.split_list(d.loss_weights)), "label_smoothing": d.label_smoothing,
+          "discopop_tau": d.discopop_tau, "sft_weight": d.sft_weight, "ld_alpha": d.ld_alpha,
+          "cpo_alpha": d.cpo_alpha, "simpo_gamma": d.simpo_gamma, "alpha": d.alpha}
 
 
 def token_stats(model, trainable, frozen, batch, rng, spec: StepSpec, **model_kwargs):

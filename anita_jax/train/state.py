@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from anita_jax import files
 from anita_jax.convert import loading
 from anita_jax.errors import UserError
+from anita_jax.model import flash as FL
 from anita_jax.model import lora as LA
 from anita_jax.model import tree as PT
 from anita_jax.model import quant as Q
@@ -31,7 +31,7 @@ from anita_jax.model import sharding as S
 from anita_jax.model.llama import Llama
 from anita_jax.train import config as C
 from anita_jax.train.checkpoint import Checkpoints
-from anita_jax.train.objective import StepSpec
+from anita_jax.train.objective import StepSpec, dpo_options
 from anita_jax.train.optim import make_optimizer
 from anita_jax.train.objectives import objective
 
@@ -65,6 +65,8 @@ def lora_spec(c: C.StageConfig, frozen_rank: int = 0) -> LA.LoraSpec:
 
 def make_model(c: C.StageConfig, model_config, spec: LA.LoraSpec) -> Llama:
   dtype = jnp.dtype(c.model.dtype)
+  if c.model.attention == "flash":  # one error line before anything compiles, not a kernel traceback
+    FL.check(model_config.head_dim, micro_batch_shape(c)[1], dtype)
   return Llama(model_config, dtype=dtype, param_dtype=dtype, scan_layers=c.model.scan_layers,
                remat_policy=c.model.remat, lora=spec, quant=quant_spec(c), deterministic=c.lora.dropout == 0,
                attention=c.model.attention)
@@ -88,9 +90,7 @@ def _head_chunk(c: C.StageConfig, model_config, mesh) -> int:
 def step_spec(c: C.StageConfig, model_config, mesh) -> StepSpec:
   objective(c.stage).check(c)
   return StepSpec(stage=c.stage, grad_accum=c.train.grad_accum, head_chunk=_head_chunk(c, model_config, mesh),
-                  beta=c.dpo.beta, loss_type=tuple(files.split_list(c.dpo.loss_type)),
-                  loss_weights=tuple(files.split_list(c.dpo.loss_weights)), label_smoothing=c.dpo.label_smoothing,
-                  discopop_tau=c.dpo.discopop_tau, sft_weight=c.dpo.sft_weight, has_dropout=c.lora.dropout > 0)
+                  has_dropout=c.lora.dropout > 0, **dpo_options(c.dpo))
 
 
 def abstract_stage(c, model_config, mesh, tokenizer=None, base_path: str = "", *,
