@@ -14,7 +14,9 @@ python scripts/bench_train.py --stage=dpo --packing [--dtypes=float32 --quants=n
   prompt + completion capped at max_length=512), wall time of the whole epoch after one compiled warm-up step:
   ours with data.packing (rows of 2 x 512 tokens, --rows per step, each prompt computed once) against TRL
   DPOTrainer + PEFT (4 pairs per step in data order, padded to each batch's longest, no gradient checkpointing);
-  --compare_padded adds ours unpacked (4 pairs per step, padded to 512).
+  --compare_padded adds ours unpacked (4 pairs per step, padded to 512). --objectives=dpo,orpo,simpo times ours
+  packed for each preference objective in the same run (orpo: dpo.objective=orpo; simpo: dpo.objective=cpo with
+  loss_type simpo; both reference-free, so their step has no reference forward) with --trl=false to skip TRL.
 """
 
 import json
@@ -32,6 +34,9 @@ _STAGE = flags.DEFINE_enum("stage", "sft", ["sft", "dpo"], "The step to time.")
 _PACKING = flags.DEFINE_bool("packing", False, "dpo: time one epoch of variable-length pairs, ours packed.")
 _ROWS = flags.DEFINE_integer("rows", 2, "dpo --packing: packed rows (of 2 x 512 tokens) per step.")
 _PADDED = flags.DEFINE_bool("compare_padded", False, "dpo --packing: also time ours unpacked.")
+_OBJECTIVES = flags.DEFINE_list("objectives", ["dpo"], "dpo --packing: preference objectives to time, of dpo, "
+                                "orpo, simpo (dpo.objective=cpo, loss_type simpo).")
+OBJECTIVE_FIELDS = {"dpo": {}, "orpo": {"objective": "orpo"}, "simpo": {"objective": "cpo", "loss_type": "simpo"}}
 B, T, RANK = 8, 256, 16  # sft: 8 rows; dpo: 4 pairs = 8 rows
 PROMPT = 64  # dpo: prompt tokens of each row; the completion fills the rest of T
 
@@ -199,7 +204,7 @@ def variable_pairs(tokenizer, seed: int = 0) -> list[dict]:
   return rows
 
 
-def epoch_ours(dtype: str, quant: str, packing: bool) -> dict:
+def epoch_ours(dtype: str, quant: str, packing: bool, objective: str = "dpo") -> dict:
   """Wall time of one epoch over `variable_pairs`, after a warm-up (compiling) step on its first batch."""
   import jax
 
@@ -215,6 +220,8 @@ def epoch_ours(dtype: str, quant: str, packing: bool) -> dict:
   c.data.max_length, c.data.packing = MAX_LENGTH, packing
   c.train.batch_size = _ROWS.value if packing else 4
   c.mesh.data = 1
+  for field, value in OBJECTIVE_FIELDS[objective].items():
+    setattr(c.dpo, field, value)
   c = stage_config.freeze(c)
   stage = ST.build_stage(c, W.base_model_path(c))
   tokenizer = stage.tokenizer
@@ -284,9 +291,10 @@ def main_packed_epoch():
   import torch
   for dtype in _DTYPES.value:
     trl_s = epoch_trl(dtype) if _TRL.value else None
-    for quant in _QUANTS.value:
-      packed = epoch_ours(dtype, quant, packing=True)
-      row = {"stage": "dpo", "packing": True, "dtype": dtype, "quant": quant, "pairs": packed["pairs"],
+    for quant, objective in ((q, o) for q in _QUANTS.value for o in _OBJECTIVES.value):
+      packed = epoch_ours(dtype, quant, packing=True, objective=objective)
+      row = {"stage": "dpo", "objective": objective, "packing": True, "dtype": dtype, "quant": quant,
+             "pairs": packed["pairs"],
              "real_tokens": packed["real_tokens"], "packed_rows": packed["rows"], "rows_per_step": _ROWS.value,
              "anita_jax_epoch_s": round(packed["seconds"], 2),
              "trl_peft_epoch_s": None if trl_s is None else round(trl_s, 2),
