@@ -117,6 +117,10 @@ class DpoFields:
   discopop_tau: float = 0.05  # read by loss_type discopop only
   sft_weight: float = 0.0  # the SFT term's weight, as an "sft" entry in loss_type (set one of the two)
   reference: str = "base"  # base (adapters disabled) | precomputed
+  # With reference=precomputed and objective=dpo: a model PATH (HF directory, .gguf, hub id, gs://) whose log-probs
+  # are the reference, TRL's ref_model; computed once before training, that model loaded dense in model.dtype
+  # (quant.* is the policy's), without adapters, then freed. Its vocabulary must be the policy's. "": none.
+  reference_model: str = ""
   # LD-DPO's alpha, in [0, 1]: each completion's tokens past the shorter one's length count with this weight in
   # the policy and reference log-probs. 1.0 weights every token alike: exactly TRL's ld_alpha=None (its off).
   ld_alpha: float = 1.0
@@ -293,6 +297,8 @@ def validate(c: StageConfig) -> None:
   _choice(c.train.on_nonfinite, "train.on_nonfinite", ("stop", "skip"))
   _choice(c.dpo.reference, "dpo.reference", ("base", "precomputed"))
   _choice(c.dpo.objective, "dpo.objective", DPO_OBJECTIVES)
+  if c.dpo.reference_model:
+    _check_reference_model(c)
   if not c.data.train:
     raise UserError("config field 'data.train' is empty: give a dataset file, directory or hub id")
   for field, value, low in (("train.batch_size", c.train.batch_size, 1), ("train.grad_accum", c.train.grad_accum, 1),
@@ -308,3 +314,17 @@ def validate(c: StageConfig) -> None:
     raise UserError(f"config field 'train.warmup_ratio'={c.train.warmup_ratio}: must be in [0, 1)")
   if c.train.lr <= 0:
     raise UserError(f"config field 'train.lr'={c.train.lr}: must be positive")
+
+
+def _check_reference_model(c: StageConfig) -> None:
+  """Raises UserError where `dpo.reference_model` cannot be the reference: it is read once, before training."""
+  field = f"config field 'dpo.reference_model'={c.dpo.reference_model}"
+  if c.dpo.objective != "dpo":
+    raise UserError(f"{field}: dpo.objective={c.dpo.objective} is reference-free (no reference log-probs); "
+                    "leave it empty")
+  if c.dpo.reference != "precomputed":
+    raise UserError(f"{field}: needs dpo.reference=precomputed (its log-probs are computed once before "
+                    f"training; no second model is ever held in the step), not {c.dpo.reference}")
+  if c.data.eval:
+    raise UserError(f"{field}: the eval pass scores its pairs against the base (adapters off), not against this "
+                    "model; leave data.eval empty")

@@ -5,11 +5,11 @@ AlphaPO) or orpo (ORPOTrainer); the last two are reference-free, so their step r
 pair's loss and metrics come from one function (`_pair_terms`) for the padded, packed and eval layouts; the NLL
 term (DPO's SFT term, CPO's cpo_alpha x NLL, ORPO's NLL of the chosen sequences) is a token mean over the step.
 
-A batch of B pairs is [2B, T] rows: the chosen completions, then the rejected
-ones (`data.preference`). The reference is the same weights with the adapters
-switched off (`dpo.reference=base`: computed in the step, no second copy of
-the model) or those numbers computed once before training and cached in the
-workdir (`dpo.reference=precomputed`: `reference_logps.npy`).
+A batch of B pairs is [2B, T] rows: the chosen completions, then the rejected ones (`data.preference`). The
+reference is the same weights with the adapters switched off (`dpo.reference=base`: computed in the step, no second
+copy of the model) or those numbers computed once before training and cached in the workdir
+(`dpo.reference=precomputed`: `reference_logps.npy`), from the base or from another model (`dpo.reference_model`,
+TRL's ref_model, loaded for that pass only).
 
 With `data.packing` a batch is B packed rows of 2 x max_length tokens, each pair
 laid out once as [prompt][chosen][rejected] (`data.preference`): the prompt is
@@ -34,8 +34,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from anita_jax import files
+from anita_jax.convert import loading
 from anita_jax.data import preference
 from anita_jax.errors import UserError
 from anita_jax.model import losses
@@ -297,14 +299,17 @@ def _eval_sums(spec: StepSpec, pol: dict, ref, nll_logps, nll_tokens) -> dict:
 
 
 def reference_logps(stage, examples, batch_size: int, max_length: int, pad_id: int) -> np.ndarray:
-  """[N, 2] summed completion log-probs (chosen, rejected) of every pair under the reference
-  (the base, adapters disabled), in one pass; the same numbers `dpo.reference=base` computes (LD-DPO
-  weighted alike)."""
+  """[N, 2] summed completion log-probs (chosen, rejected) of every pair under the reference, in one pass:
+  `dpo.reference_model` (TRL's ref_model: loaded here, freed on return), else the base with the adapters
+  disabled (the same numbers `dpo.reference=base` computes). LD-DPO weighted alike."""
+  model, frozen, params = stage.model, stage.frozen, stage.state["params"]
+  if stage.config.dpo.reference_model:
+    (model, frozen), params = stage.reference_model(), {}
 
   @functools.partial(S.in_mesh, stage.mesh)
   @jax.jit
   def logps(frozen, params, batch):
-    stats = token_stats(stage.model, params, frozen, batch, None, stage.step_spec, adapters_enabled=False,
+    stats = token_stats(model, params, frozen, batch, None, stage.step_spec, adapters_enabled=False,
                         deterministic=True)
     return _padded_stats(*stats, batch, stage.step_spec, present=True)["logps"]
 
@@ -315,16 +320,20 @@ def reference_logps(stage, examples, batch_size: int, max_length: int, pad_id: i
     pairs += [pairs[-1]] * (batch_size - len(pairs))  # a fixed shape: one compile
     local = preference.build_batch(examples, pairs, 0, 2 * batch_size, max_length, pad_id)
     batch = {k: S.place(v, sharding) for k, v in local.items()}
-    out[pairs] = np.asarray(jax.device_get(logps(stage.frozen, stage.state["params"], batch)))
+    out[pairs] = np.asarray(jax.device_get(logps(frozen, params, batch)))
   return out
 
 
 def reference_key(c, examples) -> str:
   """sha256 of what the reference log-probs are a function of: every pair's token ids, in order, the fields
-  that pick the reference model (its base, dtype, quantization, the earlier stages it stacks) and LD-DPO's
+  that pick the reference model (its base, dtype, quantization, the earlier stages it stacks; or
+  `dpo.reference_model` and its files' fingerprint, so the same PATH rewritten recomputes) and LD-DPO's
   weight of the completions' tails."""
-  h = hashlib.sha256(json.dumps([c.model.path, c.model.dtype, dataclasses.asdict(c.quant), c.init_from, c.init_as,
-                                 c.merge_into, c.dpo.ld_alpha]).encode())
+  if c.dpo.reference_model:
+    source = [c.dpo.reference_model, loading.weights_fingerprint(c.dpo.reference_model), c.model.dtype]
+  else:
+    source = [c.model.path, c.model.dtype, dataclasses.asdict(c.quant), c.init_from, c.init_as, c.merge_into]
+  h = hashlib.sha256(json.dumps([*source, c.dpo.ld_alpha]).encode())
   for ex in examples:
     for ids in (ex.prompt_ids, ex.chosen_ids, ex.rejected_ids):
       ids = np.asarray(ids, np.int64)
@@ -337,18 +346,19 @@ def cached_reference(stage, it, workdir: str) -> np.ndarray:
 
   The file is used only when its sidecar (`REFERENCE_KEY_FILE`) holds this run's `reference_key` and the
   file's own sha256: other pairs (edited data, another max_length or tokenizer) or another reference model
-  recompute it, and so does a file left without its sidecar by a run killed between the two writes."""
+  recompute it, and so does a file left without its sidecar by a run killed between the two writes.
+  Process 0 decides for all: a reference model's fingerprint (its files' times) may differ between hosts."""
   path, key_path = os.path.join(workdir, REFERENCE_FILE), os.path.join(workdir, REFERENCE_KEY_FILE)
   c = stage.config
   key = reference_key(c, it.examples)
-  if files.isfile(path):
-    data = files.read_bytes(path)
-    saved = json.loads(files.read_bytes(key_path)) if files.isfile(key_path) else {}
-    if saved == {"pairs": key, "file_sha256": hashlib.sha256(data).hexdigest()}:
-      return np.load(io.BytesIO(data), allow_pickle=False)
-    if jax.process_index() == 0:
-      print(f"{path}: computed for other pairs or another reference model; computing it again", file=sys.stderr,
-            flush=True)
+  data = files.read_bytes(path) if files.isfile(path) else None
+  saved = json.loads(files.read_bytes(key_path)) if data is not None and files.isfile(key_path) else {}
+  fresh = data is not None and saved == {"pairs": key, "file_sha256": hashlib.sha256(data).hexdigest()}
+  if multihost_utils.broadcast_one_to_all(np.int32(fresh)):
+    return np.load(io.BytesIO(data), allow_pickle=False)
+  if data is not None and jax.process_index() == 0:
+    print(f"{path}: computed for other pairs or another reference model; computing it again", file=sys.stderr,
+          flush=True)
   ref = reference_logps(stage, it.examples, c.train.batch_size, c.data.max_length, it.pad_id)
   if jax.process_index() == 0:
     buffer = io.BytesIO()

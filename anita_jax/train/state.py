@@ -53,6 +53,11 @@ class Stage:
   step_spec: StepSpec
   base_path: str
 
+  def reference_model(self) -> tuple[Llama, dict]:
+    """(model, params) of `dpo.reference_model` on this stage's mesh, for the objective's reference pass (dpo.py,
+    which sits below this module, asks the stage): loaded afresh, kept by the caller only while it needs it."""
+    return load_reference_model(self.config, self.mesh, self.model_config, self.tokenizer)
+
 
 def quant_spec(c: C.StageConfig) -> Q.QuantSpec:
   return Q.QuantSpec(c.quant.type, c.quant.block_size, c.quant.double_quant)
@@ -93,6 +98,14 @@ def step_spec(c: C.StageConfig, model_config, mesh) -> StepSpec:
                   has_dropout=c.lora.dropout > 0, **dpo_options(c.dpo))
 
 
+def _abstract_params(model: Llama, mesh) -> dict:
+  """The model's parameters as ShapeDtypeStructs carrying their shardings on `mesh`."""
+  # Shapes only; the attention kind has no parameters, and the kernel would want a mesh in context.
+  boxed = jax.eval_shape(model.clone(attention="dot").init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
+                      S.shardings_of(boxed, mesh))
+
+
 def abstract_stage(c, model_config, mesh, tokenizer=None, base_path: str = "", *,
                    with_optimizer: bool = True, frozen_rank: int = 0) -> Stage:
   """The stage with shapes only: `state` and `frozen` hold ShapeDtypeStructs carrying their shardings.
@@ -106,11 +119,7 @@ def abstract_stage(c, model_config, mesh, tokenizer=None, base_path: str = "", *
   for name, (d_in, _) in LA.projection_dims(model_config).items():
     quant_spec(c).validate(d_in, name)
   model = make_model(c, model_config, spec)
-  # Shapes only; the attention kind has no parameters, and the kernel would want a mesh in context.
-  boxed = jax.eval_shape(model.clone(attention="dot").init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  shardings = S.shardings_of(boxed, mesh)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.meta.unbox(boxed), shardings)
+  abstract = _abstract_params(model, mesh)
   for group in C.trainable_groups(c):  # e.g. lm_head of a model whose head is its (tied) embedding
     if not any(jax.tree.leaves(PT.trainable_mask(abstract, (group,)))):
       raise UserError(f"config field 'train.trainable'={c.train.trainable!r}: '{group}' names no weight of this "
@@ -204,6 +213,8 @@ def build_stage(c, base_path: str, mesh=None, frozen_adapters=None) -> Stage:
   """The stage with real arrays: the frozen base streamed from disk into its shardings
   (quantized on the way), fresh adapters and optimizer state (step 0)."""
   c = C.freeze(c)
+  if c.dpo.reference_model:  # refused before the base's weights are read, not after
+    check_reference_model(c, loading.load_config(base_path), loading.load_tokenizer(c.model.tokenizer or base_path))
   stage, moved = _load(c, base_path, mesh, True, frozen_adapters)
   adapter_sh = PT.partition(stage.state_shardings["params"],
                             PT.trainable_mask(stage.state_shardings["params"], ("lora",)))[0]
@@ -214,6 +225,39 @@ def build_stage(c, base_path: str, mesh=None, frozen_adapters=None) -> Stage:
   opt_state = jax.jit(tx.init, out_shardings=stage.state_shardings["opt_state"])(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), stage.state_shardings["step"])
   return dataclasses.replace(stage, state={"step": step, "params": params, "opt_state": opt_state})
+
+
+def check_reference_model(c: C.StageConfig, model_config, tokenizer):
+  """The architecture (`ModelConfig`) of `dpo.reference_model`, once it is known to read token ids as the policy
+  does (TRL's ref_model shares the policy's tokenizer): the same vocab_size and tokenizer vocabulary."""
+  path = c.dpo.reference_model
+  field = f"config field 'dpo.reference_model'={path}"
+  try:
+    ref_config, ref_tokenizer = loading.load_config(path), loading.load_tokenizer(path)
+  except UserError as e:
+    raise UserError(f"{field}: {str(e).removeprefix(f'{path}: ')}") from None
+  if ref_config.vocab_size != model_config.vocab_size:
+    raise UserError(f"{field}: its vocab_size is {ref_config.vocab_size}, the policy's {model_config.vocab_size}; "
+                    "the reference must score the policy's token ids (the same tokenizer)")
+  mine, theirs = tokenizer.get_vocab(), ref_tokenizer.get_vocab()
+  if mine != theirs:
+    differ = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda item: item[1])
+    raise UserError(f"{field}: its tokenizer's vocabulary is not the policy's ({len(theirs)} and {len(mine)} "
+                    f"tokens; first difference at id {differ[0][1]}); the reference must score the policy's token ids")
+  return ref_config
+
+
+def load_reference_model(c: C.StageConfig, mesh, model_config, tokenizer) -> tuple[Llama, dict]:
+  """(model, params) of `dpo.reference_model` on `mesh`: dense in `model.dtype` (TRL's ref_model is the model as
+  given, so `quant.*` is not applied), no adapters, read straight into its shardings; never cached (it is
+  freed once the reference log-probs are computed)."""
+  ref_config = check_reference_model(c, model_config, tokenizer)
+  model = make_model(C.replace(c, **{"quant.type": "none"}), ref_config, None)
+  flat_sh = PT.flatten(jax.tree.map(lambda x: x.sharding, _abstract_params(model, mesh)))
+  transform = loading.leaf_transform(model.quant, c.model.dtype,
+                                     place=lambda path, x: jax.tree.map(S.place, x, flat_sh[path]))
+  _, params = loading.load_weights(c.dpo.reference_model, scan_layers=c.model.scan_layers, transform=transform)
+  return model, params
 
 
 def trained_model(c, base_path: str, checkpoints: Checkpoints, mesh=None, frozen_adapters=None) -> Stage:
