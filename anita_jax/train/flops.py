@@ -14,6 +14,24 @@ from anita_jax.model import splash
 from anita_jax.model.config import ModelConfig
 
 
+def _computed_attention(mc: ModelConfig, rows: int, length: int, kernel: bool) -> tuple[float, float]:
+  """(forward, backward) attention FLOPs per layer that the attention kind computes, of rows x length tokens.
+
+  A Pallas kernel (splash, flash) computes the tiles on or below the diagonal (of the padded length; flash
+  skips more on packed rows, which depends on the data: this is its upper bound), both with the same tiles
+  (`flash.block_sizes`, `splash.block_size`); its backward recomputes Q K^T from the saved log-sum-exp: 7 tile
+  products (dq: QK^T, dO V^T, dS K; dk and dv: QK^T, P^T dO, dO V^T, dS^T Q) against autodiff's 4. The plain
+  attention takes query blocks against the keys up to each block's end (`model.attention.attention`); its
+  backward recomputes Q K^T from the softmax's row max and sum: 5 products (QK^T, dO V^T, dS K, dS^T Q, P^T dO).
+  """
+  if kernel:
+    computed, _ = splash.causal_blocks(length)
+    forward = 4 * rows * computed * splash.block_size(length) ** 2 * mc.num_heads * mc.head_dim
+    return forward, 3.5 * forward
+  forward = 4 * rows * AT.score_entries(length) * mc.num_heads * mc.head_dim
+  return forward, 2.5 * forward
+
+
 def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, length: int, grad_accum: int,
                    remat: str, reference_forward: bool, head_weight_grad: bool = False,
                    attention: str = "dot") -> dict:
@@ -32,18 +50,7 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
   tokens = rows * length
   attn = 4 * rows * length ** 2 * mc.num_heads * mc.head_dim  # QK^T and PV over the full T x T
   kernel_attention = attention in ("splash", "flash")
-  if kernel_attention:
-    # Only the tiles on or below the diagonal are computed (of the padded length; flash skips more on packed
-    # rows, which depends on the data: this is its upper bound). The backward kernels recompute Q K^T from
-    # the saved log-sum-exp: 7 tile products (dq: QK^T, dO V^T, dS K; dk and dv: QK^T, P^T dO, dO V^T,
-    # dS^T Q) against autodiff's 4. Both kernels take the same tiles (`flash.block_sizes`, `splash.block_size`).
-    computed, _ = splash.causal_blocks(length)
-    attn_fwd = 4 * rows * computed * splash.block_size(length) ** 2 * mc.num_heads * mc.head_dim
-    attn_bwd = 3.5 * attn_fwd
-  else:  # query blocks against the keys up to each block's end (`model.attention.attention`); the backward
-    # recomputes Q K^T from the softmax's row max and sum: 5 products (QK^T, dO V^T, dS K, dS^T Q, P^T dO).
-    attn_fwd = 4 * rows * AT.score_entries(length) * mc.num_heads * mc.head_dim
-    attn_bwd = 2.5 * attn_fwd
+  attn_fwd, attn_bwd = _computed_attention(mc, rows, length, kernel_attention)
   layer_fwd = 2 * tokens * (frozen + adapters) + attn
   head = 2 * tokens * d * v
   fwd = n_layers * layer_fwd + head
