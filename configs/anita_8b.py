@@ -35,7 +35,7 @@ def stage(name: str) -> ml_collections.ConfigDict:
     c.data.packing = True
     c.data.mask = "all"  # ANITA trained on all tokens
     # At 8192 tokens the plain attention's [T, T] scores dominate memory; with the blockwise kernel one
-    # v5e chip holds a micro-batch (README, "ANITA 8B on TPU topologies"). DPO (1024 tokens) keeps dot.
+    # v5e chip holds a micro-batch (README, "ANITA 8B on TPU topologies"). DPO's packed pairs take flash.
     c.model.attention = "splash"
     c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.rslora = 16, 8.0, 0.0, False
     c.train.epochs = 1
@@ -59,6 +59,13 @@ def stage(name: str) -> ml_collections.ConfigDict:
     # pairs a row of README's length distribution (scripts/preview_data.py --num_examples=2000 prints the rows
     # of your data's first 2000 pairs). data.packing=false: exactly batch_size x grad_accum pairs a step.
     c.data.packing = True
+    # Packed pairs through our flash kernel (its masks come from the batch: a completion never sees the other
+    # one): on v5e:2x4, 0.81x the plain attention's estimated step and 0.93x its temporaries (docs/benchmarks.md).
+    # A TPU kernel: on GPUs and CPUs the plain attention runs (model.attention=dot silences the warning).
+    c.model.attention = "flash"
+    # The ORPO variant (the objective orpo-dpo-mix-40k was assembled for): --config.dpo.dpo.objective=orpo, with
+    # dpo.beta as ORPO's lambda (TRL's default 0.1). Reference-free: the step runs no reference forward
+    # (docs/benchmarks.md, "Packed DPO at 8B", has its AOT row). SimPO: dpo.objective=cpo, dpo.loss_type=simpo.
   elif name == "lm":
     # init_from: the dpo workdir
     c.data.train = "gsarti/clean_mc4_it"
@@ -94,7 +101,7 @@ def dryrun() -> ml_collections.ConfigDict:
     c.data.train, c.data.format, c.data.config_name, c.data.split = _dryrun_data(file), fmt, None, "train"
     c.data.max_length = 256 if name != "dpo" else 128
     c.data.max_prompt_length = None if name != "dpo" else 64
-    c.model.attention = "dot"  # the splash kernel is TPU-only (on CPU it runs interpreted)
+    c.model.attention = "dot"  # the splash and flash kernels are TPU-only (on CPU they run interpreted)
     c.train.steps, c.train.batch_size, c.train.grad_accum = 2, 1, 1
     c.train.warmup_steps, c.train.warmup_ratio = 0, 0.0
     c.train.log_every, c.checkpoint.every = 1, 2
