@@ -3,7 +3,7 @@
 `dpo.objective` picks the loss family: dpo (TRL's DPOTrainer: a reference model), cpo (CPOTrainer: CPO, SimPO,
 AlphaPO) or orpo (ORPOTrainer); the last two are reference-free, so their step runs no reference pass. Each
 pair's loss and metrics come from one function (`_pair_terms`) for the padded, packed and eval layouts; the NLL
-term (DPO's SFT term, CPO's cpo_alpha x NLL, ORPO's NLL of the chosen sequences) is a token mean over the step.
+term (DPO's SFT term, CPO's cpo_alpha x NLL, ORPO's NLL of the chosen sequences) is a token mean (below).
 
 A batch of B pairs is [2B, T] rows: the chosen completions, then the rejected ones (`data.preference`). The
 reference is the same weights with the adapters switched off (`dpo.reference=base`: computed in the step, no second
@@ -11,14 +11,13 @@ copy of the model) or those numbers computed once before training and cached in 
 (`dpo.reference=precomputed`: `reference_logps.npy`), from the base or from another model (`dpo.reference_model`,
 TRL's ref_model, loaded for that pass only).
 
-With `data.packing` a batch is B packed rows of 2 x max_length tokens, each pair
-laid out once as [prompt][chosen][rejected] (`data.preference`): the prompt is
-computed once, for both completions, by the policy and by the reference. Per-pair
-sums go to B x (T // 2) pair slots (`losses.pair_completion_stats`); slots
-without a pair count nowhere. An optimizer step's loss and metrics are means over
-the pairs the step holds, whatever their split into micro-batches: each
-micro-batch adds its pairs' sum over the step's pair count (`step_normalizer`).
-The NLL term is then the token mean over the step's chosen completions (or sequences).
+With `data.packing` a batch is B packed rows of 2 x max_length tokens, each pair laid out once as
+[prompt][chosen][rejected] (`data.preference`): the prompt is computed once, for both completions, by the policy
+and by the reference. Per-pair sums go to B x (T // 2) pair slots (`losses.pair_completion_stats`); slots without
+a pair count nowhere. An optimizer step's loss and metrics are means over the pairs the step holds, whatever their
+split into micro-batches: each micro-batch adds its pairs' sum over the step's pair count (`step_normalizer`).
+The NLL term is then the token mean over the step's chosen completions (or sequences). Padded, each micro-batch
+has its own token mean, averaged over the step's micro-batches, as TRL's gradient accumulation averages them.
 """
 
 from __future__ import annotations
