@@ -126,17 +126,17 @@ class Linear(_Projections, kw_only=True):
     if self.lora.frozen_rank:  # earlier stages' adapters, frozen, scales folded into frozen_b
       # Kept in the compute dtype: the product is what casting float32 factors at use would give, bit for
       # bit, at half the memory in bfloat16.
-      fa = self.param("frozen_a", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[0], None)),
+      fa = self.param("frozen_a", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[0], "lora_rank")),
                       (d_in, self.lora.frozen_rank), self.dtype)
-      fb = self.param("frozen_b", nn.with_logical_partitioning(nn.initializers.zeros, (None, self.axes[1])),
+      fb = self.param("frozen_b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", self.axes[1])),
                       (self.lora.frozen_rank, self.features), self.dtype)
       # Plain dots: only the input's gradient flows through them (no weight gradients to compute).
       y = y + jnp.dot(jnp.dot(x.astype(self.dtype), fa), fb).astype(y.dtype)
     # PEFT's init: A Kaiming-uniform (a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
     a = self.param("lora_a", nn.with_logical_partitioning(
         nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=0, out_axis=1),
-        (self.axes[0], None)), (d_in, self.lora.rank), jnp.float32)
-    b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None, self.axes[1])),
+        (self.axes[0], "lora_rank")), (d_in, self.lora.rank), jnp.float32)
+    b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", self.axes[1])),
                    (self.lora.rank, self.features), jnp.float32)
     if not self.adapters_enabled:
       return y
@@ -287,7 +287,7 @@ class Llama(nn.Module):
     cache: {"k", "v"} [L, B, S, K, H] from `init_cache`, updated at `cache_offset`
       (a scalar); `kv_segment_ids_bs` [B, S] are then the segment ids of the cache slots.
     logits: False returns the final normed hidden states [B, T, D] instead of the
-      logits, for a loss that applies the head itself (`losses.head_token_stats`).
+      logits, for a loss that applies the head itself (`head.head_token_stats`).
     """
     c = self.config
     if self.attention not in ATTENTION_KINDS:

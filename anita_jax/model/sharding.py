@@ -38,6 +38,9 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    # Last, so it takes fsdp only where the factor's other axis did not: a LoRA factor (A [in, R], B [R, out])
+    # is then sharded over fsdp whichever projection it adapts, never replicated there.
+    ("lora_rank", "fsdp"),
 )
 
 
