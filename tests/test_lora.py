@@ -153,7 +153,7 @@ def test_adapter_gradients_match_peft(config, tmp_path):
   """The SFT loss's gradient on every lora_A / lora_B equals torch autograd through PEFT (fp32, 1e-4).
 
   Both backward passes of ours are written by hand (`model.lora_delta`, the fused head of
-  `losses.head_token_stats`), so they are checked against an independent autodiff here.
+  `head.head_token_stats`), so they are checked against an independent autodiff here.
   """
   from anita_jax.train import objective
   spec = lora.make_spec(4, 8)

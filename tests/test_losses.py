@@ -15,7 +15,9 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from trl import DPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head
 
+from anita_jax.model import head as HD
 from anita_jax.model import losses
+from anita_jax.model import sharding as S
 from anita_jax.errors import UserError
 
 RTOL = 1e-6
@@ -448,7 +450,7 @@ def test_fused_head_equals_the_logits_path(vocab_major, dtype):
 
   def objective(fused, h):
     if fused:
-      logp, mean_logit = losses.head_token_stats(h, head, batch["input_ids"], vocab_major=vocab_major, chunk=4)
+      logp, mean_logit = HD.head_token_stats(h, head, batch["input_ids"], vocab_major=vocab_major, chunk=4)
     else:
       logits = jnp.einsum("btd,vd->btv" if vocab_major else "btd,dv->btv", h, head)
       logp, mean_logit = losses.token_stats(logits, batch["input_ids"])
@@ -462,3 +464,49 @@ def test_fused_head_equals_the_logits_path(vocab_major, dtype):
   np.testing.assert_allclose(np.asarray(ml_f), np.asarray(ml_p), rtol=tol, atol=tol)
   g_f, g_p = np.asarray(g_f, np.float32), np.asarray(g_p, np.float32)
   assert np.abs(g_f - g_p).max() <= tol * np.abs(g_p).max()
+
+
+@pytest.mark.parametrize("vocab_major", [True, False], ids=["tied", "lm_head"])
+@pytest.mark.parametrize("shape", [(1, 4, 2), (2, 2, 2), (1, 8, 1), (4, 1, 2)], ids=str)
+def test_vocab_parallel_head_equals_the_logits_path(shape, vocab_major):
+  """The fused head under a (data, fsdp, tensor) mesh (vocabulary split over fsdp x tensor, rows gathered
+  over fsdp; (1, 8, 1): 4 rows cannot be split 8 ways, so each device scores all of them) against
+  token_stats of the full logits on one device: values and the gradient through the hidden states, fp32."""
+  data, fsdp, tensor = shape
+  rng = np.random.default_rng(5)
+  b, t, d, v = 4, 10, 16, 64
+  ids = rng.integers(0, v, (b, t)).astype(np.int32)
+  ids[1, 7:] = -100  # out-of-vocabulary padding must stay harmless
+  hidden = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+  head = jnp.asarray(rng.standard_normal((v, d) if vocab_major else (d, v)), jnp.float32)
+  weights = jnp.asarray(rng.standard_normal((b, t)), jnp.float32)
+
+  def objective(fused, h):
+    if fused:
+      logp, mean_logit = HD.head_token_stats(h, head, ids, vocab_major=vocab_major, chunk=4)
+    else:
+      logits = jnp.einsum("btd,vd->btv" if vocab_major else "btd,dv->btv", h, head)
+      logp, mean_logit = losses.token_stats(logits, ids)
+    return jnp.sum(weights * jnp.where(ids >= 0, logp, 0.0)), (logp, mean_logit)
+
+  (_, (lp_p, ml_p)), g_p = jax.jit(jax.value_and_grad(lambda h: objective(False, h), has_aux=True))(hidden)
+  with jax.set_mesh(S.make_mesh(data=data, fsdp=fsdp, tensor=tensor)):
+    (_, (lp_f, ml_f)), g_f = jax.jit(jax.value_and_grad(lambda h: objective(True, h), has_aux=True))(hidden)
+  valid = ids >= 0
+  np.testing.assert_allclose(np.asarray(lp_f)[valid], np.asarray(lp_p)[valid], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ml_f), np.asarray(ml_p), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_f), np.asarray(g_p), rtol=1e-5, atol=1e-5 * float(np.abs(g_p).max()))
+
+
+def test_vocab_parallel_head_never_holds_the_whole_head():
+  """Compiled on a (1, 4, 2) mesh, the fused head's program holds no [D, V] or [V, D] array: each device
+  keeps its vocabulary slice (8 of the 64 tokens), while the hidden states' chunks are gathered."""
+  b, t, d, v = 4, 8, 16, 64
+  hidden = jax.ShapeDtypeStruct((b, t, d), jnp.float32)
+  head = jax.ShapeDtypeStruct((d, v), jnp.float32)
+  ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  fn = lambda h, w, i: jax.grad(lambda h: jnp.sum(HD.head_token_stats(h, w, i, vocab_major=False, chunk=4)[0]))(h)
+  with jax.set_mesh(S.make_mesh(data=1, fsdp=4, tensor=2)):
+    hlo = jax.jit(fn).lower(hidden, head, ids).compile().as_text()
+  assert "f32[16,64]" not in hlo and "f32[64,16]" not in hlo
+  assert "f32[16,8]" in hlo

@@ -1,7 +1,7 @@
 """The one token scorer: log p(token | prefix) of a batch under a model, for training, eval and reports.
 
 `token_stats` runs the model to its final normed hidden states and applies the
-head itself, a few positions at a time (`losses.head_token_stats`): the
+head itself, a few positions at a time (`head.head_token_stats`): the
 [B, T, V] logits are never materialised. A head that is being trained needs
 its own gradient, so `head_trainable=True` takes the plain logits path.
 `head_logits` gives the logits of selected positions (lm-eval's scorer).
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from anita_jax.model import losses
+from anita_jax.model.head import head_token_stats
 from anita_jax.model import quant as Q
 
 Array = jax.Array
@@ -79,4 +80,4 @@ def token_stats(model, params, batch, *, head_trainable: bool = False, chunk: in
   if prev_index is not None:
     hidden = _predictors(hidden, prev_index)
   w, vocab_major = head(model, params)
-  return losses.head_token_stats(hidden, w, batch["input_ids"], vocab_major=vocab_major, chunk=chunk)
+  return head_token_stats(hidden, w, batch["input_ids"], vocab_major=vocab_major, chunk=chunk)

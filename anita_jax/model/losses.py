@@ -14,7 +14,6 @@ The functions are pure and jittable; string and float options (`loss_type`,
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -40,7 +39,7 @@ SFT_TERM = "sft"  # a member of a loss_type list: TRL's SFT term (`chosen_nll`),
 _SMOOTHED_LOSS_TYPES = ("robust", "exo_pair")  # the offered types that read label_smoothing
 
 
-def _to_target(x_bt: Array) -> Array:
+def to_target(x_bt: Array) -> Array:
   """Moves a value of predicting position t-1 onto target token t; 0 at t = 0. [B, T] -> [B, T]."""
   return jnp.pad(x_bt[:, :-1], ((0, 0), (1, 0)))
 
@@ -57,83 +56,14 @@ def token_logprobs(logits_btv: Array, input_ids_bt: Array) -> Array:
   # The max is taken in the input dtype (exact), so the fp32 cast feeds only the sum and can fuse into it.
   max_bt = jax.lax.stop_gradient(jnp.max(logits_btv, axis=-1)).astype(jnp.float32)
   sum_exp_bt = jnp.sum(jnp.exp(logits_btv.astype(jnp.float32) - max_bt[..., None]), axis=-1)
-  return _to_target(target_bt.astype(jnp.float32) - (max_bt + jnp.log(sum_exp_bt)))
+  return to_target(target_bt.astype(jnp.float32) - (max_bt + jnp.log(sum_exp_bt)))
 
 
 def token_stats(logits_btv: Array, input_ids_bt: Array) -> tuple[Array, Array]:
   """(token log-probs [B, T], mean over V of the logit predicting each token [B, T], no gradient),
   fp32 and indexed by the target token as `token_logprobs`."""
-  mean_logit_bt = _to_target(jnp.mean(jax.lax.stop_gradient(logits_btv), axis=-1, dtype=jnp.float32))
+  mean_logit_bt = to_target(jnp.mean(jax.lax.stop_gradient(logits_btv), axis=-1, dtype=jnp.float32))
   return token_logprobs(logits_btv, input_ids_bt), mean_logit_bt
-
-
-def head_token_stats(hidden_btd: Array, head: Array, input_ids_bt: Array, *, vocab_major: bool,
-                     chunk: int = 16) -> tuple[Array, Array]:
-  """`token_stats` of the logits `hidden @ head`, computed `chunk` positions at a time.
-
-  The [B, T, V] logits never exist: each chunk's [B, chunk, V] logits give their
-  log-softmax and, when differentiated, d log p / d hidden = (onehot - softmax) @ head^T,
-  a [B, chunk, D] value saved for the backward pass instead of the logits. The
-  cotangent of each token's log-prob then only scales it. Gradients reach
-  `hidden` only: `head` must be frozen (its cotangent is zero).
-
-  head: [V, D] (tied embeddings, vocab_major=True) or [D, V] (an lm_head kernel).
-  Logits are computed in hidden's dtype and reduced in fp32, as the logits path.
-  """
-  next_ids_bt = jnp.pad(input_ids_bt[:, 1:], ((0, 0), (0, 1)))
-  logp_bt, logit_sum_bt = _head_logprobs(hidden_btd, head, next_ids_bt, vocab_major, chunk)
-  vocab = head.shape[0 if vocab_major else 1]
-  return _to_target(logp_bt), _to_target(jax.lax.stop_gradient(logit_sum_bt) / vocab)
-
-
-def _head_chunks(x_btd, head, ids_bt, vocab_major: bool, chunk: int, with_grad: bool):
-  """Per position: log p(ids) and the logit sum [B, T] fp32, and with_grad d log p / d x [B, T, D]."""
-  b, t, d = x_btd.shape
-  vocab = head.shape[0 if vocab_major else 1]
-  chunk = min(chunk, t)
-  n = -(-t // chunk)
-  pad = n * chunk - t
-  ids_bt = jnp.clip(ids_bt, 0, vocab - 1)  # padding may hold ids outside the vocabulary; masks drop those entries
-  xs = jnp.pad(x_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
-  ids = jnp.pad(ids_bt, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
-  w = head.astype(x_btd.dtype)
-  spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
-
-  def one(carry, inputs):
-    x_bcd, ids_bc = inputs
-    logits = jnp.einsum(spec, x_bcd, w).astype(jnp.float32)
-    max_bc = jnp.max(logits, axis=-1, keepdims=True)
-    exp = jnp.exp(logits - max_bc)
-    sum_exp = jnp.sum(exp, axis=-1, keepdims=True)
-    target = jnp.take_along_axis(logits, ids_bc[..., None], axis=-1)[..., 0]
-    logp = target - (max_bc + jnp.log(sum_exp))[..., 0]
-    out = (logp, jnp.sum(logits, axis=-1))
-    if with_grad:
-      dlogits = (jax.nn.one_hot(ids_bc, vocab, dtype=jnp.float32) - exp / sum_exp).astype(x_btd.dtype)
-      out += (jnp.einsum("bcv,vd->bcd" if vocab_major else "bcv,dv->bcd", dlogits, w),)
-    return carry, out
-
-  _, outs = jax.lax.scan(one, None, (xs, ids))
-  unchunk = lambda y: y.swapaxes(0, 1).reshape(b, n * chunk, *y.shape[3:])[:, :t]
-  return tuple(unchunk(y) for y in outs)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _head_logprobs(x_btd, head, ids_bt, vocab_major, chunk):
-  return _head_chunks(x_btd, head, ids_bt, vocab_major, chunk, with_grad=False)
-
-
-def _head_logprobs_fwd(x_btd, head, ids_bt, vocab_major, chunk):
-  logp, logit_sum, dlogp_dx = _head_chunks(x_btd, head, ids_bt, vocab_major, chunk, with_grad=True)
-  return (logp, logit_sum), dlogp_dx
-
-
-def _head_logprobs_bwd(vocab_major, chunk, dlogp_dx, cotangents):
-  dlogp, _ = cotangents  # the logit sums are metrics: no gradient
-  return (dlogp[..., None] * dlogp_dx).astype(dlogp_dx.dtype), None, None
-
-
-_head_logprobs.defvjp(_head_logprobs_fwd, _head_logprobs_bwd)
 
 
 def sequence_targets(segment_ids: Array) -> Array:

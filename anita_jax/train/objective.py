@@ -28,7 +28,7 @@ class StepSpec:
 
   stage: str
   grad_accum: int
-  head_chunk: int = 16  # positions per chunk of the fused head and log-softmax (`losses.head_token_stats`)
+  head_chunk: int = 16  # positions per chunk of the fused head and log-softmax (`head.head_token_stats`)
   objective: str = C.DpoFields.objective  # dpo | cpo | orpo (the preference stage's loss family)
   beta: float = C.DpoFields.beta
   loss_type: tuple[str, ...] = (C.DpoFields.loss_type,)  # dpo.loss_type's items; "sft" among them is the SFT term
