@@ -19,9 +19,11 @@ first position of t's segment id in the row) and it holds a real key on branch 0
 visible (query, key) lies in a live tile; a live tile may still hide everything (the keys are summarised
 per block), and then its mask does. Causal rows compute the tiles on and below the diagonal; packing
 skips queries against earlier sequences; packed DPO skips rejected completions against their chosen.
-Scalar prefetch gives the kernels, per (row, query block), its live kv blocks in order, then the last one
-repeated, and their count (per kv block its live query blocks, for dk and dv): a grid step past the count
-computes nothing, and its index map names the block already resident, so nothing is fetched for it.
+The ids' tile layouts and the tables (`tables`) depend on the batch alone: the model computes them once per
+forward, before its layers. Scalar prefetch gives the kernels, per (row, query block), its live kv blocks in
+order, then the last one repeated, and their count (per kv block its live query blocks, for dk and dv): a grid
+step past the count computes nothing, and its index map names the block already resident, so nothing is
+fetched for it.
 
 Block rule (`block_sizes`): 512 when T >= 512, else T rounded up to a multiple of 128 (the lane width);
 T is padded to a multiple of the block with segment-0 positions, dropped on return. Padding queries see
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,11 +80,39 @@ def check(head_dim: int, length: int, dtype) -> None:
     raise UserError(f"config field 'model.attention'=flash: {problem}; use model.attention=dot")
 
 
-def flash_attention(q_btnh, k_bskh, v_bskh, segment_bt, branch_bt=None, *, blocks=None) -> jax.Array:
+class Tables(NamedTuple):
+  """A batch's ids and live-tile tables as the kernels read them (`tables`): they depend on the ids alone, so
+  a model computes them once per forward and every layer's call reads them. Rows lead every field."""
+  code: jax.Array  # int32 [B, T']: segment * 4 + branch, T' padded to the blocks
+  cols: jax.Array  # int32 [B, T', 128]: the ids as tile columns (one per sublane row)
+  rows: jax.Array  # int32 [B, 8, T']: the ids as tile rows (one per lane)
+  kv_index: jax.Array  # int32 [B, nq * nk]: per query block its live kv blocks, then the last repeated
+  kv_count: jax.Array  # int32 [B, nq]
+  q_index: jax.Array  # int32 [B, nk * nq]: per kv block its live query blocks (dk, dv)
+  q_count: jax.Array  # int32 [B, nk]
+
+
+def tables(segment_bt, branch_bt=None, *, blocks=None) -> Tables:
+  """The `Tables` of ids segment_bt [B, T] (0 = padding) and branch_bt [B, T] or None, for blocks (block_q,
+  block_k), default `block_sizes(T)`."""
+  block_q, block_k = blocks or block_sizes(segment_bt.shape[1])
+  code = _padded_codes(segment_bt, branch_bt, block_q, block_k)
+  b, t = code.shape
+  live = _live(code, block_q, block_k)
+  kv_index, kv_count = _compact(live)
+  q_index, q_count = _compact(jnp.swapaxes(live, 1, 2))
+  return Tables(code, jax.lax.broadcast_in_dim(code, (b, t, LANES), (0, 1)),
+                jax.lax.broadcast_in_dim(code, (b, SUBLANES, t), (0, 2)),
+                kv_index.reshape(b, -1), kv_count.reshape(b, -1), q_index.reshape(b, -1), q_count.reshape(b, -1))
+
+
+def flash_attention(q_btnh, k_bskh, v_bskh, segment_bt, branch_bt=None, *, blocks=None,
+                    mask: Tables | None = None) -> jax.Array:
   """`attention.attention(q, k, v, segment, segment, 0, branch, branch)` on every non-padding query.
 
   q_btnh [B, T, N, H]; k_bskh, v_bskh [B, T, K, H] (K divides N); segment_bt int [B, T], 0 = padding;
   branch_bt int [B, T] or None. blocks: (block_q, block_k), multiples of 128; default `block_sizes(T)`.
+  mask: `tables(segment_bt, branch_bt, blocks=blocks)`, when the caller has it (computed here otherwise).
   Returns [B, T, N, H] in q's dtype (zeros on padding queries).
   """
   (b, t, n, _), k = q_btnh.shape, k_bskh.shape[2]
@@ -91,21 +122,22 @@ def flash_attention(q_btnh, k_bskh, v_bskh, segment_bt, branch_bt=None, *, block
   block_q, block_k = blocks or block_sizes(t)
   if block_q % LANES or block_k % LANES:
     raise ValueError(f"flash_attention: blocks {block_q, block_k} must be multiples of {LANES}")
-  code = _padded_codes(segment_bt, branch_bt, block_q, block_k)
-  pad = ((0, 0), (0, 0), (0, code.shape[1] - t), (0, 0))
+  if mask is None:
+    mask = tables(segment_bt, branch_bt, blocks=(block_q, block_k))
+  pad = ((0, 0), (0, 0), (0, mask.code.shape[1] - t), (0, 0))
   q = jnp.pad(jnp.transpose(q_btnh, (0, 2, 1, 3)), pad)  # [B, N, T, H]
   key = jnp.pad(jnp.transpose(k_bskh, (0, 2, 1, 3)).astype(q.dtype), pad)  # [B, K, S, H]
   value = jnp.pad(jnp.transpose(v_bskh, (0, 2, 1, 3)).astype(q.dtype), pad)
 
   mesh = jax.sharding.get_abstract_mesh()
   interpret = mesh_platform(mesh) != "tpu"
-  local = lambda q, k, v, code: _flash(q, k, v, code, block_q, block_k, interpret)  # noqa: E731
+  local = lambda q, k, v, mask: _flash(q, k, v, mask, block_q, block_k, interpret)  # noqa: E731
   if not mesh.empty and mesh.size > 1:
     rows, heads = mesh_axes(mesh, BATCH_AXES, b), mesh_axes(mesh, ("tensor",), k)
     qkv = P(rows, heads, None, None)
-    local = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows, None)), out_specs=qkv,
-                          check_vma=False)
-  out = local(q, key, value, code)[:, :, :t]
+    local = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, Tables(*(P(rows) for _ in Tables._fields))),
+                          out_specs=qkv, check_vma=False)
+  out = local(q, key, value, mask)[:, :, :t]
   return jnp.transpose(out, (0, 2, 1, 3))
 
 
@@ -324,13 +356,6 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_ref, k_ref, v_ref, q_code_ref, kv_co
 
 # ---- pallas calls --------------------------------------------------------------------------------------------
 
-def _layouts(code_bt):
-  """The ids as tile columns [B, T, 128] (one per sublane row) and tile rows [B, 8, T] (one per lane)."""
-  b, t = code_bt.shape
-  return (jax.lax.broadcast_in_dim(code_bt, (b, t, LANES), (0, 1)),
-          jax.lax.broadcast_in_dim(code_bt, (b, SUBLANES, t), (0, 2)))
-
-
 def _estimate(q, k, block_q, block_k, kernel: str) -> pl.CostEstimate:
   """`cost` of the causal tiles (every mask's upper bound; the ids are not known when compiling) for XLA's
   cost analysis, which cannot see inside a Pallas call."""
@@ -354,7 +379,7 @@ def _query_major_specs(q, k, block_q, block_k):
           pl.BlockSpec((None, None, 1, block_q), lambda b, i, n, j, *_: (b, n, 0, i)))
 
 
-def _forward(q, k, v, code, block_q, block_k, interpret):
+def _forward(q, k, v, mask, block_q, block_k, interpret):
   """(out [B, N, T, H], logsumexp fp32 [B, N, 1, T]) of padded inputs."""
   b, n, t, h = q.shape
   nq, nk = t // block_q, t // block_k
@@ -370,10 +395,10 @@ def _forward(q, k, v, code, block_q, block_k, interpret):
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, 1, t), jnp.float32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=_estimate(q, k, block_q, block_k, "forward"),
-  )(*_compact(_live(code, block_q, block_k)), q, k, v, *_layouts(code))
+  )(mask.kv_index.reshape(-1), mask.kv_count.reshape(-1), q, k, v, mask.cols, mask.rows)
 
 
-def _dq(q, k, v, code, lse, di, do, block_q, block_k, interpret):
+def _dq(q, k, v, mask, lse, di, do, block_q, block_k, interpret):
   """dq [B, N, T, H] of padded inputs."""
   b, n, t, h = q.shape
   nq, nk = t // block_q, t // block_k
@@ -388,10 +413,10 @@ def _dq(q, k, v, code, lse, di, do, block_q, block_k, interpret):
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=_estimate(q, k, block_q, block_k, "dq"),
-  )(*_compact(_live(code, block_q, block_k)), q, k, v, *_layouts(code), lse, di, do)
+  )(mask.kv_index.reshape(-1), mask.kv_count.reshape(-1), q, k, v, mask.cols, mask.rows, lse, di, do)
 
 
-def _dkv(q, k, v, code, lse, di, do, block_q, block_k, interpret):
+def _dkv(q, k, v, mask, lse, di, do, block_q, block_k, interpret):
   """(dk, dv) [B, K, T, H] of padded inputs. Grid (row, kv block, kv head, query head of its group, query
   step): query step i of kv block j reads the table's i-th live query block."""
   (b, n, t, h), kv_heads = q.shape, k.shape[1]
@@ -410,34 +435,33 @@ def _dkv(q, k, v, code, lse, di, do, block_q, block_k, interpret):
       out_specs=[kv_spec, kv_spec],
       scratch_shapes=[pltpu.VMEM((block_k, h), jnp.float32), pltpu.VMEM((block_k, h), jnp.float32)])
   kernel = functools.partial(_dkv_kernel, block_q=block_q, block_k=block_k, num_q=nq)
-  cols, rows = _layouts(code)
   return pl.pallas_call(
       kernel, grid_spec=grid_spec, interpret=interpret, name="flash_dkv",
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
       cost_estimate=_estimate(q, k, block_q, block_k, "dkv"),
-  )(*_compact(jnp.swapaxes(_live(code, block_q, block_k), 1, 2)), q, k, v, rows, cols, lse, di, do)
+  )(mask.q_index.reshape(-1), mask.q_count.reshape(-1), q, k, v, mask.rows, mask.cols, lse, di, do)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q_bnth, k_bksh, v_bksh, code_bt, block_q, block_k, interpret):
-  """The kernels on padded inputs: q [B, N, T, H], k and v [B, K, T, H], code int32 [B, T]."""
-  return _forward(q_bnth, k_bksh, v_bksh, code_bt, block_q, block_k, interpret)[0]
+def _flash(q_bnth, k_bksh, v_bksh, mask, block_q, block_k, interpret):
+  """The kernels on padded inputs: q [B, N, T, H], k and v [B, K, T, H], mask the batch's `Tables`."""
+  return _forward(q_bnth, k_bksh, v_bksh, mask, block_q, block_k, interpret)[0]
 
 
-def _flash_fwd(q, k, v, code, block_q, block_k, interpret):
-  out, lse = _forward(q, k, v, code, block_q, block_k, interpret)
-  return out, (q, k, v, code, out, lse)
+def _flash_fwd(q, k, v, mask, block_q, block_k, interpret):
+  out, lse = _forward(q, k, v, mask, block_q, block_k, interpret)
+  return out, (q, k, v, mask, out, lse)
 
 
 def _flash_bwd(block_q, block_k, interpret, residuals, dout):
-  q, k, v, code, out, lse = residuals
+  q, k, v, mask, out, lse = residuals
   # The softmax's row term sum_s P dP = dO . O, fp32 as the plain path's, laid out as the logsumexp.
   di = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, :, None, :]
   dout = dout.astype(q.dtype)
-  dq = _dq(q, k, v, code, lse, di, dout, block_q, block_k, interpret)
-  dk, dv = _dkv(q, k, v, code, lse, di, dout, block_q, block_k, interpret)
+  dq = _dq(q, k, v, mask, lse, di, dout, block_q, block_k, interpret)
+  dk, dv = _dkv(q, k, v, mask, lse, di, dout, block_q, block_k, interpret)
   return dq, dk, dv, None
 
 

@@ -201,7 +201,7 @@ class _Block(_Projections, kw_only=True):
 class Attention(_Block):
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, q_segment_bt, kv_segment_bs, branch_bt, cache, cache_offset):
+  def __call__(self, x_btd, positions_bt, q_segment_bt, kv_segment_bs, branch_bt, flash_mask, cache, cache_offset):
     c = self.config
     n, k, h = c.num_heads, c.num_kv_heads, c.head_dim
     b, t, _ = x_btd.shape
@@ -221,8 +221,8 @@ class Attention(_Block):
       key, value, offset = ck.astype(self.dtype), cv.astype(self.dtype), cache_offset
     if cache is None and self.attention == "splash" and SP.usable("splash"):  # a whole sequence: q_offset 0
       o = SP.splash_attention(q, key, value, q_segment_bt)
-    elif cache is None and self.attention == "flash" and SP.usable("flash"):
-      o = FL.flash_attention(q, key, value, q_segment_bt, branch_bt)
+    elif flash_mask is not None:
+      o = FL.flash_attention(q, key, value, q_segment_bt, branch_bt, mask=flash_mask)
     else:
       o = AT.attention(q, key, value, q_segment_bt, kv_segment_bs, offset, branch_bt, branch_bt)
     o = o.reshape(b, t, n * h)
@@ -244,13 +244,13 @@ class Mlp(_Block):
 class DecoderLayer(_Block):
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, q_segment_bt, kv_segment_bs, branch_bt, cache, cache_offset):
+  def __call__(self, x_btd, positions_bt, q_segment_bt, kv_segment_bs, branch_bt, flash_mask, cache, cache_offset):
     c = self.config
     act = ("activation_batch", "activation_length", "activation_embed")
     x_btd = nn.with_logical_constraint(x_btd, act)
     y = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(x_btd)
     y, new_cache = Attention(**self.child_kwargs(), name="self_attn")(
-        y, positions_bt, q_segment_bt, kv_segment_bs, branch_bt, cache, cache_offset)
+        y, positions_bt, q_segment_bt, kv_segment_bs, branch_bt, flash_mask, cache, cache_offset)
     x_btd = x_btd + y
     y = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(x_btd)
     x_btd = x_btd + Mlp(**self.child_kwargs(), name="mlp")(y)
@@ -317,11 +317,15 @@ class Llama(nn.Module):
     if self.remat_policy != "none":
       layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(self.remat_policy),
                            prevent_cse=not self.scan_layers)
-    args = (positions_bt, segment_ids_bt, kv_segment_ids_bs, branch_ids_bt)
+    # The flash kernel's ids and live-tile tables depend on the batch alone: computed once, read by every layer.
+    flash_mask = None
+    if cache is None and self.attention == "flash" and SP.usable("flash"):
+      flash_mask = FL.tables(segment_ids_bt, branch_ids_bt)
+    args = (positions_bt, segment_ids_bt, kv_segment_ids_bs, branch_ids_bt, flash_mask)
     if self.scan_layers:
       layers = nn.scan(
           layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+          in_axes=(nn.broadcast,) * 5 + (0, nn.broadcast),
           length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs, name="layers")
       x_btd, new_cache = layers(x_btd, *args, cache, cache_offset)
     else:
