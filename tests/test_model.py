@@ -195,7 +195,7 @@ def test_kv_cache_decoding_equals_full_forward(scan):
 @pytest.mark.parametrize("scan", [True, False])
 def test_every_weight_has_its_logical_axes(scan):
   """MaxText's names: `embed` for D, `q_heads` / `kv_heads` for N*H / K*H, `mlp` for F, `vocab` for V, `norm`
-  for a norm scale, `layers` for the scanned layer axis; a LoRA factor's rank axis is unnamed."""
+  for a norm scale, `layers` for the scanned layer axis, `lora_rank` for a LoRA factor's rank axis."""
   import flax.linen as nn
   from flax import traverse_util
   model = M.Llama(TINY, scan_layers=scan, lora=M.LoraSpec(rank=4, alpha=8))
@@ -210,8 +210,8 @@ def test_every_weight_has_its_logical_axes(scan):
       ("mlp", "gate_proj", ("embed", "mlp")), ("mlp", "up_proj", ("embed", "mlp")),
       ("mlp", "down_proj", ("mlp", "embed"))]:
     layer[f"{parent}/{name}/kernel"] = axes
-    layer[f"{parent}/{name}/lora_a"] = (axes[0], None)
-    layer[f"{parent}/{name}/lora_b"] = (None, axes[1])
+    layer[f"{parent}/{name}/lora_a"] = (axes[0], "lora_rank")
+    layer[f"{parent}/{name}/lora_b"] = ("lora_rank", axes[1])
   expected = {"embed_tokens/embedding": ("vocab", "embed"), "norm/scale": ("norm",),
               "lm_head/kernel": ("embed", "vocab")}
   for path, names in layer.items():

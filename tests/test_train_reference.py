@@ -222,7 +222,8 @@ def expected_placements():
   The rules' intent: a weight's `embed` (D) axis over fsdp, its heads / mlp / vocab axis over tensor, the layer
   axis and norms replicated, the batch never on weights (data). NF4 codes [L, I/2, O] and block absmax
   [L, I/64, O] follow the weight's axes where they divide; the per-matrix scale [L, G] and offset [L] follow
-  only the layer axis. LoRA A [L, in, R] takes the weight's input axis, B [L, R, out] its output axis.
+  only the layer axis. LoRA A [L, in, R] takes the weight's input axis, B [L, R, out] its output axis, and the
+  rank axis takes fsdp where the other did not (no factor is replicated over fsdp).
   """
   weight_axes = {"q_proj": ("fsdp", "tensor"), "k_proj": ("fsdp", "tensor"), "v_proj": ("fsdp", "tensor"),
                  "o_proj": ("tensor", "fsdp"), "gate_proj": ("fsdp", "tensor"), "up_proj": ("fsdp", "tensor"),
@@ -238,8 +239,8 @@ def expected_placements():
     frozen[f"{node}/kernel/absmax_q"] = (None, "tensor" if name == "down_proj" else None, axis_out)
     frozen[f"{node}/kernel/absmax_scale"] = (None, None)
     frozen[f"{node}/kernel/absmax_offset"] = (None,)
-    trainable[f"{node}/lora_a"] = (None, axis_in, None)
-    trainable[f"{node}/lora_b"] = (None, None, axis_out)
+    trainable[f"{node}/lora_a"] = (None, axis_in, None if axis_in == "fsdp" else "fsdp")
+    trainable[f"{node}/lora_b"] = (None, None if axis_out == "fsdp" else "fsdp", axis_out)
   return frozen, trainable
 
 
