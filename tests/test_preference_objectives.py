@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from test_dpo import dpo_config, metrics_of, pairs_file, rel  # noqa: F401 - pairs_file is a fixture
-from test_dpo_packing import _examples, _layouts, _stage
+from test_dpo_packing import _examples, _layouts, _stage, many_pairs_file  # noqa: F401 - a fixture
 from test_train_reference import peft_model_with_our_adapters
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -306,6 +306,28 @@ def test_packed_equals_padded(case, packing_case):
   for key in want_m:
     assert abs(float(got_m[key]) - float(want_m[key])) <= 1e-5 * max(1.0, abs(float(want_m[key]))), (
         key, float(got_m[key]), float(want_m[key]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", [{"dpo.objective": "orpo", "dpo.beta": 0.2},
+                                       {"dpo.objective": "cpo", "dpo.loss_type": "simpo", "dpo.beta": 2.0,
+                                        "dpo.cpo_alpha": 0.5}], ids=["orpo", "simpo"])
+def test_packed_reference_free_losses_agree_across_meshes_and_accumulation(objective, demo_config, tiny_hf_dir,
+                                                                            many_pairs_file, tmp_path):
+  """Two packed steps of 4 rows (the epoch's first 8 of its 15): on one device in one micro-batch, and on a
+  (1, 2, 2) mesh in two micro-batches of 2 rows (the NLL term's token mean is the step's, so accumulation is
+  exact). Step 2's loss follows step 1's whole update: losses to 1e-5."""
+  runs = {}
+  for mesh, batch_size, accum in [("1x1x1", 4, 1), ("1x2x2", 2, 2)]:
+    d, f, t = (int(x) for x in mesh.split("x"))
+    workdir = str(tmp_path / mesh)
+    c = dpo_config(demo_config, tiny_hf_dir, many_pairs_file, **{
+        "data.packing": True, "mesh.data": d, "mesh.fsdp": f, "mesh.tensor": t, "train.batch_size": batch_size,
+        "train.grad_accum": accum, "train.steps": 2, **objective})
+    T.train_and_evaluate(c, workdir)
+    runs[mesh] = [m["loss"] for m in metrics_of(workdir)]
+  assert len(runs["1x1x1"]) == 2 and runs["1x1x1"][0] != runs["1x1x1"][1]
+  assert rel(runs["1x2x2"], runs["1x1x1"]) <= 1e-5, runs
 
 
 def test_reference_free_step_runs_no_reference_forward(demo_config, tiny_hf_dir, pairs_file):
