@@ -18,6 +18,7 @@ from anita_jax.data import preference as PR
 from anita_jax.errors import UserError
 from anita_jax.model import attention as AT
 from anita_jax.model import flash as FL
+from anita_jax.model import flash_tiles as FT
 from anita_jax.model import sharding as S
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -108,7 +109,7 @@ def test_outputs_and_gradients_equal_plain_attention(kind, n, k, t, dtype):
 
 def test_dead_tiles_are_skipped():
   seg, branch = dpo_rows(384)
-  live = np.asarray(FL.live_tiles(seg, branch, *BLOCKS))
+  live = np.asarray(FT.live_tiles(seg, branch, *BLOCKS))
   visible = dense_tiles(seg, branch, 128)
   # Exactly the tiles with a visible pair (here; in general a superset): the padding row computes none, and
   # the exactly filled row (prompt 0-99, chosen 100-255, rejected 256-383) skips its rejected queries
@@ -128,14 +129,14 @@ def test_dead_tiles_are_skipped():
 
 
 def test_live_tiles_of_causal_and_packed_rows():
-  causal = np.asarray(FL.live_tiles(np.ones((1, 384), np.int32), None, *BLOCKS))
+  causal = np.asarray(FT.live_tiles(np.ones((1, 384), np.int32), None, *BLOCKS))
   assert (causal[0] == np.tril(np.ones((3, 3), bool))).all()  # 6 of 9: on and below the diagonal
   seg = np.zeros((1, 512), np.int32)
   seg[0, :200], seg[0, 200:400] = 1, 2  # the second sequence's queries in tiles 2-3 never see tile 0
-  live = np.asarray(FL.live_tiles(seg, None, *BLOCKS))
+  live = np.asarray(FT.live_tiles(seg, None, *BLOCKS))
   assert (live == dense_tiles(seg, None, 128)).all() and live.sum() == 8 and not live[0, 2:, 0].any()
   seg, _ = segment_rows("packed", 2, 384)  # a reused segment id: tile 0 is live for the last query tile
-  assert np.asarray(FL.live_tiles(seg, None, *BLOCKS))[1, 2, 0] and dense_tiles(seg, None, 128)[1, 2, 0]
+  assert np.asarray(FT.live_tiles(seg, None, *BLOCKS))[1, 2, 0] and dense_tiles(seg, None, 128)[1, 2, 0]
 
 
 def test_cost_counts_the_products_xla_counts():
@@ -147,9 +148,9 @@ def test_cost_counts_the_products_xla_counts():
   qk = jax.jit(lambda a, b: jnp.einsum("nqh,nkh->nqk", a, b)).lower(x, x).compile().cost_analysis()["flops"]
   pv = jax.jit(lambda p, b: jnp.einsum("nqk,nkh->nqh", p, b)).lower(s, x).compile().cost_analysis()["flops"]
   assert qk == pv
-  one = FL.cost(np.ones((1, 1, 1), bool), block, block, n, kv, h, 4)
+  one = FT.cost(np.ones((1, 1, 1), bool), block, block, n, kv, h, 4)
   assert one["forward"]["flops"] == 2 * qk and one["dq"]["flops"] == 3 * qk and one["dkv"]["flops"] == 4 * qk
-  causal = FL.cost(np.tril(np.ones((2, 3, 3), bool)), block, block, n, kv, h, 4)
+  causal = FT.cost(np.tril(np.ones((2, 3, 3), bool)), block, block, n, kv, h, 4)
   assert causal["forward"]["flops"] == 2 * 6 * one["forward"]["flops"]  # 2 rows of 6 live tiles
 
 
@@ -181,7 +182,7 @@ def test_check_refuses_what_the_kernel_cannot_take_in_one_line():
 
 
 def test_block_rule():
-  assert [FL.block_sizes(t)[0] for t in (8, 128, 130, 511, 512, 1000, 8192)] == [128, 128, 256, 512, 512, 512, 512]
+  assert [FT.block_sizes(t)[0] for t in (8, 128, 130, 511, 512, 1000, 8192)] == [128, 128, 256, 512, 512, 512, 512]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed: no compile-only "

@@ -35,6 +35,7 @@ import numpy as np
 from anita_jax.errors import UserError
 from anita_jax.model import attention as AT
 from anita_jax.model import flash as FL
+from anita_jax.model import flash_tiles as FT
 from anita_jax.model import quant as Q
 from anita_jax.model import splash as SP
 from anita_jax.model.config import ATTENTION_KINDS, LoraSpec, ModelConfig
@@ -320,7 +321,7 @@ class Llama(nn.Module):
     # The flash kernel's ids and live-tile tables depend on the batch alone: computed once, read by every layer.
     flash_mask = None
     if cache is None and self.attention == "flash" and SP.usable("flash"):
-      flash_mask = FL.tables(segment_ids_bt, branch_ids_bt)
+      flash_mask = FT.tables(segment_ids_bt, branch_ids_bt)
     args = (positions_bt, segment_ids_bt, kv_segment_ids_bs, branch_ids_bt, flash_mask)
     if self.scan_layers:
       layers = nn.scan(

@@ -19,7 +19,7 @@ def _computed_attention(mc: ModelConfig, rows: int, length: int, kernel: bool) -
 
   A Pallas kernel (splash, flash) computes the tiles on or below the diagonal (of the padded length; flash
   skips more on packed rows, which depends on the data: this is its upper bound), both with the same tiles
-  (`flash.block_sizes`, `splash.block_size`); its backward recomputes Q K^T from the saved log-sum-exp: 7 tile
+  (`flash_tiles.block_sizes`, `splash.block_size`); its backward recomputes Q K^T from the saved log-sum-exp: 7 tile
   products (dq: QK^T, dO V^T, dS K; dk and dv: QK^T, P^T dO, dO V^T, dS^T Q) against autodiff's 4. The plain
   attention takes query blocks against the keys up to each block's end (`model.attention.attention`); its
   backward recomputes Q K^T from the softmax's row max and sum: 5 products (QK^T, dO V^T, dS K, dS^T Q, P^T dO).
@@ -73,7 +73,7 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
   if kernel_attention:
     # A Pallas call is not a dot: every remat policy recomputes its forward.
     recompute += n_layers * attn_fwd if remat == "dots" else 0
-  if attention == "splash":  # flash's calls carry their cost (`flash.cost`), so the compiler counts them
+  if attention == "splash":  # flash's calls carry their cost (`flash_tiles.cost`), so the compiler counts them
     kernel = grad_accum * n_layers * (attn_fwd + attn_bwd + (attn_fwd if reference_forward else 0)
                                       + (attn_fwd if remat != "none" else 0))
   model = grad_accum * (fwd + bwd + ref)
@@ -99,7 +99,7 @@ def analytic_flops(mc: ModelConfig, lora_rank: int, lora_targets, *, rows: int, 
          f"Q K^T recomputed), so 'executed' counts A_s and 3.5 A_s where 'model' counts A and 2 A; "
          + (f"the compiler counts no FLOPs inside the splash call, so the kernel's {kernel:.6g} FLOPs of the "
             "step are added to its count. " if attention == "splash" else
-            "each flash call carries its causal tiles' cost (`flash.cost`), which the compiler counts. "))
+            "each flash call carries its causal tiles' cost (`flash_tiles.cost`), which the compiler counts. "))
       + f"'executed' adds the remat={remat} recomputation of the forward ({recompute} per micro-batch; full: "
       "all but down_proj's product, whose output the backward does not need). Matmuls only.")
   return {"model": float(model), "executed": float(model + swap + grad_accum * recompute), "kernel": float(kernel),
