@@ -96,24 +96,31 @@ def dpo_batch(tokenizer):
   return ids, mask
 
 
-def time_ours(dtype: str, quant: str, steps: int):
-  import jax
-  import numpy as np
-
+def our_step(stage_name: str, dtype: str, quant: str, batch_size: int, **fields):
+  """(stage, compiled train step) of our trainer on the benchmark's model: LoRA r=RANK, one device row
+  (mesh.data=1); `fields` are further dotted config fields ({"data.packing": True, ...})."""
   from anita_jax.train import config as stage_config
   from anita_jax.train import state as ST
   from anita_jax.train import step as STEP
   from anita_jax.train import workdir as W
   from anita_jax.train.optim import make_optimizer
-  c = stage_config.stage_config(_STAGE.value)
+  c = stage_config.stage_config(stage_name)
   c.model.dtype, c.quant.type = dtype, quant
   c.lora.rank, c.lora.alpha = RANK, 32.0
-  c.train.batch_size = B if _STAGE.value == "sft" else B // 2
+  c.train.batch_size = batch_size
   c.mesh.data = 1
+  c.update_from_flattened_dict(fields)
   c = stage_config.freeze(c)
   stage = ST.build_stage(c, W.base_model_path(c))
   tx, _ = make_optimizer(c.train, 100)
-  step = STEP.compile_step(stage, tx, STEP.batch_shardings(stage.config, stage.mesh))
+  return stage, STEP.compile_step(stage, tx, STEP.batch_shardings(stage.config, stage.mesh))
+
+
+def time_ours(dtype: str, quant: str, steps: int):
+  import jax
+  import numpy as np
+
+  stage, step = our_step(_STAGE.value, dtype, quant, B if _STAGE.value == "sft" else B // 2)
   if _STAGE.value == "dpo":
     ids, mask = dpo_batch(stage.tokenizer)
   else:
@@ -210,28 +217,14 @@ def epoch_runner(dtype: str, quant: str, packing: bool, objective: str = "dpo"):
   import jax
 
   from anita_jax.data import preference as PR
-  from anita_jax.train import config as stage_config
-  from anita_jax.train import state as ST
-  from anita_jax.train import step as STEP
-  from anita_jax.train import workdir as W
-  from anita_jax.train.optim import make_optimizer
-  c = stage_config.stage_config("dpo")
-  c.model.dtype, c.quant.type = dtype, quant
-  c.lora.rank, c.lora.alpha = RANK, 32.0
-  c.data.max_length, c.data.packing = MAX_LENGTH, packing
-  c.train.batch_size = _ROWS.value if packing else 4
-  c.mesh.data = 1
-  for field, value in OBJECTIVE_FIELDS[objective].items():
-    setattr(c.dpo, field, value)
-  c = stage_config.freeze(c)
-  stage = ST.build_stage(c, W.base_model_path(c))
-  tokenizer = stage.tokenizer
+  stage, step = our_step("dpo", dtype, quant, _ROWS.value if packing else 4, **{
+      "data.max_length": MAX_LENGTH, "data.packing": packing,
+      **{f"dpo.{field}": value for field, value in OBJECTIVE_FIELDS[objective].items()}})
+  c, tokenizer = stage.config, stage.tokenizer
   examples = [PR.encode_preference(r, tokenizer, max_length=MAX_LENGTH) for r in variable_pairs(tokenizer)]
   it = PR.PreferenceBatchIterator(examples, batch_size=c.train.batch_size, max_length=MAX_LENGTH, packing=packing,
                                   pad_id=tokenizer.pad_token_id or 0)
   batches = [{k: v[None] for k, v in next(it).items()} for _ in range(it.steps_in_epoch(0))]
-  tx, _ = make_optimizer(c.train, 100)
-  step = STEP.compile_step(stage, tx, STEP.batch_shardings(stage.config, stage.mesh))
   rng = jax.random.key(0)
   state, m = step(stage.state, stage.frozen, batches[0], rng)  # compiles; the state is donated
   jax.block_until_ready(m)
