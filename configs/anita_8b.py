@@ -60,7 +60,7 @@ def stage(name: str) -> ml_collections.ConfigDict:
     # of your data's first 2000 pairs). data.packing=false: exactly batch_size x grad_accum pairs a step.
     c.data.packing = True
     # Packed pairs through our flash kernel (its masks come from the batch: a completion never sees the other
-    # one): on v5e:2x4, 0.81x the plain attention's estimated step and 0.93x its temporaries (docs/benchmarks.md).
+    # one): on v5e:2x4, 0.80x the plain attention's estimated step and 0.78x its temporaries (docs/benchmarks.md).
     # A TPU kernel: on GPUs and CPUs the plain attention runs (model.attention=dot silences the warning).
     c.model.attention = "flash"
     # The ORPO variant (the objective orpo-dpo-mix-40k was assembled for): --config.dpo.dpo.objective=orpo, with
