@@ -32,8 +32,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from anita_jax.errors import UserError
-from anita_jax.model.sharding import BATCH_AXES
 from anita_jax.model.flash_tiles import LANES, SUBLANES, Tables, block_sizes, cost, tables
+from anita_jax.model.sharding import BATCH_AXES
 from anita_jax.model.splash import mesh_axes, mesh_platform
 
 MAX_HEAD_DIM = 256
@@ -74,7 +74,7 @@ def flash_attention(q_btnh, k_bskh, v_bskh, segment_bt, branch_bt=None, *, block
     raise ValueError(f"flash_attention: blocks {block_q, block_k} must be multiples of {LANES}")
   if mask is None:
     mask = tables(segment_bt, branch_bt, blocks=(block_q, block_k))
-  pad = ((0, 0), (0, 0), (0, mask.code.shape[1] - t), (0, 0))
+  pad = ((0, 0), (0, 0), (0, mask.cols.shape[1] - t), (0, 0))  # to the padded length T'
   q = jnp.pad(jnp.transpose(q_btnh, (0, 2, 1, 3)), pad)  # [B, N, T, H]
   key = jnp.pad(jnp.transpose(k_bskh, (0, 2, 1, 3)).astype(q.dtype), pad)  # [B, K, S, H]
   value = jnp.pad(jnp.transpose(v_bskh, (0, 2, 1, 3)).astype(q.dtype), pad)
@@ -90,8 +90,6 @@ def flash_attention(q_btnh, k_bskh, v_bskh, segment_bt, branch_bt=None, *, block
   out = local(q, key, value, mask)[:, :, :t]
   return jnp.transpose(out, (0, 2, 1, 3))
 
-
-# ---- live tiles ----------------------------------------------------------------------------------------------
 
 # ---- kernels -------------------------------------------------------------------------------------------------
 

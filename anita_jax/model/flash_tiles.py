@@ -48,8 +48,7 @@ def block_sizes(t: int) -> tuple[int, int]:
 class Tables(NamedTuple):
   """A batch's ids and live-tile tables as the kernels read them (`tables`): they depend on the ids alone, so
   a model computes them once per forward and every layer's call reads them. Rows lead every field."""
-  code: jax.Array  # int32 [B, T']: segment * 4 + branch, T' padded to the blocks
-  cols: jax.Array  # int32 [B, T', 128]: the ids as tile columns (one per sublane row)
+  cols: jax.Array  # int32 [B, T', 128]: the ids (segment * 4 + branch, T' padded to the blocks) as tile columns
   rows: jax.Array  # int32 [B, 8, T']: the ids as tile rows (one per lane)
   kv_index: jax.Array  # int32 [B, nq * nk]: per query block its live kv blocks, then the last repeated
   kv_count: jax.Array  # int32 [B, nq]
@@ -66,7 +65,7 @@ def tables(segment_bt, branch_bt=None, *, blocks=None) -> Tables:
   live = _live(code, block_q, block_k)
   kv_index, kv_count = _compact(live)
   q_index, q_count = _compact(jnp.swapaxes(live, 1, 2))
-  return Tables(code, jax.lax.broadcast_in_dim(code, (b, t, LANES), (0, 1)),
+  return Tables(jax.lax.broadcast_in_dim(code, (b, t, LANES), (0, 1)),
                 jax.lax.broadcast_in_dim(code, (b, SUBLANES, t), (0, 2)),
                 kv_index.reshape(b, -1), kv_count.reshape(b, -1), q_index.reshape(b, -1), q_count.reshape(b, -1))
 

@@ -77,8 +77,9 @@ def _head(x_btd, head, ids_bt, vocab_major: bool, chunk: int, with_grad: bool):
   local = functools.partial(_chunks, vocab_major=vocab_major, chunk=chunk, with_grad=with_grad, split=split,
                             gather=gather)
   outs = (P(rows, None), P(rows, None)) + ((x_spec,) if with_grad else ())
-  return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, P(split, None) if vocab_major else P(None, split),
-                                                    P(rows, None)), out_specs=outs, check_vma=False)(x_btd, head, ids_bt)
+  head_spec = P(split, None) if vocab_major else P(None, split)
+  return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, head_spec, P(rows, None)), out_specs=outs,
+                       check_vma=False)(x_btd, head, ids_bt)
 
 
 def _chunks(x_btd, head, ids_bt, vocab_major: bool, chunk: int, with_grad: bool, split, gather):
